@@ -1,0 +1,104 @@
+"""The `largebatch` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def _train_overrides(args) -> list[str]:
+    flags = [("data.path", args.data), ("train.epochs", args.epochs), ("train.steps", args.steps),
+             ("train.global_batch", args.global_batch), ("train.micro_batch", args.micro_batch),
+             ("model.name", args.model)]
+    return [f"{k}={json.dumps(v)}" for k, v in flags if v is not None] + list(args.set or [])
+
+
+def cmd_train(args) -> None:
+    from . import checkpoint
+    from .config import build_config
+    from .recipes import load_recipe
+    from .train import train
+
+    cfg = build_config(load_recipe(args.recipe), _train_overrides(args))
+    out = Path(args.out or f"runs/{Path(args.recipe).stem}")
+    if not args.resume and checkpoint.latest(out / "checkpoints") is not None:
+        raise ConfigError(f"--out: {out} already holds a run with checkpoints; pass --resume to continue "
+                          f"it, or choose another --out")
+    train(cfg, out, resume=args.resume)
+
+
+def cmd_eval(args) -> None:
+    from . import checkpoint, dist
+    from .config import Config, from_dict
+    from .data import build_dataset, default_workers
+    from .evaluate import evaluate
+    from .models import build_model
+    from .train import pick_device, set_threads
+
+    state = checkpoint.load(Path(args.checkpoint))
+    cfg = from_dict(Config, state["config"])
+    if args.data is not None:
+        cfg.data.path = args.data
+    device = pick_device(dist.from_env())
+    info = dist.init(device)
+    set_threads(cfg.train.threads, info)
+    val = build_dataset(cfg.data, "val", cfg.train.seed)
+    model = build_model(cfg.model, val.channels, val.num_classes).to(device)
+    model.load_state_dict(state["model"])
+    batch = args.batch or cfg.train.eval_batch
+    result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size),
+                      cfg.train.bf16, cfg.train.channels_last)
+    result = {"checkpoint": str(args.checkpoint), "step": state.get("step"), **result}
+    if info.is_main:
+        print(json.dumps(result))
+    dist.shutdown()
+
+
+def cmd_recipes(args) -> None:
+    from .recipes import describe, recipe_names
+    names = recipe_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {describe(name)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="largebatch", description="Large-minibatch synchronous SGD training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a recipe")
+    t.add_argument("--recipe", required=True, help="recipe name (see `largebatch recipes`) or YAML path")
+    t.add_argument("--data", help="dataset directory (sets data.path)")
+    t.add_argument("--out", help="run directory (default runs/RECIPE)")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="run length in epochs")
+    length.add_argument("--steps", type=int, help="run length in optimizer steps")
+    t.add_argument("--global-batch", type=int)
+    t.add_argument("--micro-batch", type=int, help="per-process batch per forward pass")
+    t.add_argument("--model")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.pt (starts fresh when there is none)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON with top1/top5")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", help="dataset directory (default: the one the run used)")
+    e.add_argument("--batch", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("recipes", help="list the recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"largebatch: error: {e}", file=sys.stderr)
+        sys.exit(2)

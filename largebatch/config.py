@@ -1,0 +1,270 @@
+"""Typed configuration, one dataclass per concern.
+
+A recipe is YAML whose keys mirror these dataclasses; `--set a.b=v` overrides one
+field. Every key is declared here: unknown keys and values of the wrong type are
+rejected with the full key path, before anything trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad recipe, override or combination of values; the message names the key."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "resnet8"
+    """torchvision ResNet (resnet18/34/50/101/152) or CIFAR-style resnet8/20/32/56."""
+    in_channels: int | None = None
+    """Input channels; None takes the data's. torchvision ResNets take 3."""
+    num_classes: int | None = None
+    """None takes the data's class count."""
+    zero_init_gamma: Literal["none", "all", "last_per_stage"] = "all"
+    """Zero the last BN gamma of every residual block (Goyal et al.), or only in the
+    last block of each stage (the SC18 authors' released nets)."""
+    bn_momentum: float = 0.1
+    """PyTorch convention: weight of the new statistic. The authors' Caffe 0.95
+    ('fraction kept') is 0.05 here."""
+    bn_group_size: int = 32
+    """BatchNorm statistics over fixed groups of this many samples, taken by position
+    in the global batch, so every process layout computes the same thing.
+    0 = the whole micro-batch."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    name: Literal["fmnist", "folder", "synthetic"] = "fmnist"
+    path: str | None = None
+    """Dataset directory; None = the dataset's default (see docs/usage.md)."""
+    download: bool = False
+    """Fashion-MNIST only: fetch the IDX files when missing (needs internet)."""
+    augment: bool = True
+    """Train-time augmentation (random-area crop + flip; pad-crop + flip for 28 px)."""
+    image_size: int = 224
+    """Train crop size for folder data."""
+    eval_resize: int = 256
+    eval_crop: int = 224
+    min_area: float = 0.08
+    max_area: float = 1.0
+    min_aspect: float = 0.75
+    max_aspect: float = 1.3333333333333333
+    workers: int = -1
+    """DataLoader worker processes per training process; -1 = choose by dataset."""
+    synthetic_samples: int = 1024
+    synthetic_classes: int = 1000
+    synthetic_channels: int = 3
+    synthetic_size: int = 224
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    name: Literal["sgd", "lars"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-5
+    exclude_bn_bias_from_wd: bool = False
+    """No weight decay on BatchNorm parameters and biases (chosen by module type)."""
+    lars_trust: float = 0.001
+    lars_eps: float = 1e-9
+    label_smoothing: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig:
+    base_lr: float = 0.1
+    """LR at reference_batch; the peak LR is base_lr * global_batch / reference_batch."""
+    reference_batch: int = 256
+    peak_lr: float | None = None
+    """Explicit peak LR instead of the linear rule (the authors used 4.8 at 14,336)."""
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    """LR at step 0 of warmup; the LR rises linearly to the peak over warmup_epochs."""
+    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
+    poly_power: float = 1.0
+    horizon_epochs: float | None = None
+    """Where poly/cosine reach their end, counted from step 0; None = run length."""
+    final_lr: float = 0.0
+    """Cosine floor."""
+    milestones: list[float] = field(default_factory=list)
+    """Step decay: epochs at which the LR is multiplied by gamma."""
+    gamma: float = 0.1
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    global_batch: int = 1024
+    micro_batch: int | None = None
+    """Per-process batch per forward; None = global_batch / processes (no accumulation)."""
+    epochs: float = 10.0
+    steps: int | None = None
+    """Run length in optimizer steps; overrides epochs when set."""
+    seed: int = 0
+    bf16: bool = False
+    channels_last: bool = False
+    threads: int = 0
+    """torch threads per process; 0 = the cores this process may use / local processes."""
+    eval_every_epochs: float = 1.0
+    eval_batch: int = 500
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 0
+    """0 = at each eval and at the end only."""
+    keep_checkpoints: int = 2
+    strict_data: bool = False
+    """Fail on an unreadable sample instead of skipping it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- building from dicts, with type checks ------------------------------------------
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """'a.b=v' -> {'a': {'b': v}}; v is read as YAML so numbers, bools and lists work."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"--set: bad key {key!r}")
+        out = {part: out}
+    return out
+
+
+def build_config(recipe: dict, overrides: list[str] = ()) -> Config:
+    data = recipe
+    for item in overrides:
+        data = deep_merge(data, parse_override(item))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no knowledge of the process layout or the data."""
+    t, s, o, m, d = cfg.train, cfg.schedule, cfg.optim, cfg.model, cfg.data
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(t.global_batch > 0, f"train.global_batch must be positive, got {t.global_batch}")
+    need(t.micro_batch is None or t.micro_batch > 0, f"train.micro_batch must be positive, got {t.micro_batch}")
+    need(t.epochs > 0, f"train.epochs must be positive, got {t.epochs}")
+    need(t.steps is None or t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.eval_every_epochs >= 0, "train.eval_every_epochs must be >= 0")
+    need(t.log_every_steps > 0, "train.log_every_steps must be positive")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+    need(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be >= 0")
+    need(t.eval_batch > 0, "train.eval_batch must be positive")
+    need(s.base_lr >= 0, f"schedule.base_lr must be >= 0, got {s.base_lr}")
+    need(s.peak_lr is None or s.peak_lr >= 0, f"schedule.peak_lr must be >= 0, got {s.peak_lr}")
+    need(s.warmup_start_lr >= 0, f"schedule.warmup_start_lr must be >= 0, got {s.warmup_start_lr}")
+    need(s.final_lr >= 0, f"schedule.final_lr must be >= 0, got {s.final_lr}")
+    need(s.reference_batch > 0, "schedule.reference_batch must be positive")
+    need(s.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0")
+    need(s.horizon_epochs is None or s.horizon_epochs > 0, "schedule.horizon_epochs must be positive")
+    need(s.poly_power > 0, "schedule.poly_power must be positive")
+    need(list(s.milestones) == sorted(s.milestones), "schedule.milestones must be increasing")
+    need(s.decay != "step" or bool(s.milestones), "schedule.milestones: step decay needs at least one milestone")
+    need(o.momentum >= 0 and o.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
+    need(0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
+    need(o.lars_trust > 0, "optim.lars_trust must be positive")
+    need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
+    need(0 <= m.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]")
+    need(0 < d.min_area <= d.max_area <= 1, "data.min_area/max_area must satisfy 0 < min <= max <= 1")
+    need(0 < d.min_aspect <= d.max_aspect, "data.min_aspect/max_aspect must satisfy 0 < min <= max")
+    if t.steps is None and s.warmup_epochs > t.epochs:
+        raise ConfigError(f"schedule.warmup_epochs ({s.warmup_epochs}) is longer than training "
+                          f"(train.epochs = {t.epochs})")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,59 @@
+"""Datasets and loaders. A dataset maps a BatchSpec (indices + epoch) to a whole batch
+(x, y); the loader feeds it BatchSpecs from the global sampler, in order."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from ..config import ConfigError, DataConfig
+from . import fmnist
+from .folder import ImageFolder
+from .sampler import BatchSpec
+from .synthetic import Synthetic
+
+
+def data_channels(cfg: DataConfig) -> int:
+    """Known before any file is read, so config errors come first."""
+    return {"fmnist": 1, "folder": 3, "synthetic": cfg.synthetic_channels}[cfg.name]
+
+
+def build_dataset(cfg: DataConfig, split: str, seed: int):
+    """split: 'train' or 'val'."""
+    train = split == "train"
+    if cfg.name == "fmnist":
+        root = fmnist.resolve_dir(cfg.path)
+        if cfg.download:
+            fmnist.download(root)
+        return fmnist.FashionMNIST(root, "train" if train else "test", seed, train and cfg.augment)
+    if cfg.name == "folder":
+        if not cfg.path:
+            raise ConfigError("data.path: folder data needs --data ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/...)")
+        ds = ImageFolder(Path(cfg.path), split, cfg, seed, train)
+        if not train:
+            train_classes = sorted(d.name for d in (Path(cfg.path) / "train").iterdir() if d.is_dir())
+            if train_classes != ds.classes:
+                extra = sorted(set(ds.classes) ^ set(train_classes))
+                raise ConfigError(f"data.path: train/ and val/ class folders differ ({', '.join(extra[:5])})")
+        return ds
+    n = cfg.synthetic_samples if train else max(cfg.synthetic_samples // 4, 1)
+    return Synthetic(n, cfg.synthetic_classes, cfg.synthetic_channels, cfg.synthetic_size,
+                     seed + (0 if train else 1))
+
+
+def default_workers(cfg: DataConfig, local_world_size: int) -> int:
+    if cfg.workers >= 0:
+        return cfg.workers
+    if cfg.name != "folder":
+        return 0  # in-memory batches cost less than a worker's hand-off
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(local_world_size, 1) - 1))
+
+
+def make_loader(dataset, specs: Iterable[BatchSpec], workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=specs, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False)

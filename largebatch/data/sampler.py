@@ -1,0 +1,113 @@
+"""One seeded order over the global batch.
+
+Every epoch is a permutation drawn from (seed, epoch). Step s of the run takes global
+batch s of that order; the global batch is cut into world_size * accum_steps chunks of
+micro_batch consecutive positions, and chunk a * world_size + rank is micro-step a of
+process `rank`. Any layout with the same micro_batch therefore sees the same chunks,
+and resuming at step s needs nothing but s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    world_size: int
+    rank: int
+    accum_steps: int
+    micro_batch: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.accum_steps * self.micro_batch
+
+
+def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size: int = 0) -> Layout:
+    b = train.global_batch
+    m = train.micro_batch if train.micro_batch is not None else b // world_size
+    if m <= 0 or b % (world_size * m) != 0:
+        raise ConfigError(f"train.global_batch ({b}) must be divisible by processes ({world_size}) "
+                          f"x train.micro_batch ({train.micro_batch if train.micro_batch else m})")
+    if bn_group_size and m % bn_group_size != 0:
+        raise ConfigError(f"model.bn_group_size ({bn_group_size}) must divide train.micro_batch ({m}); "
+                          f"set model.bn_group_size=0 to normalise over whole micro-batches")
+    return Layout(world_size=world_size, rank=rank, accum_steps=b // (world_size * m), micro_batch=m)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec:
+    """What to load: dataset indices plus the epoch (for per-sample augmentation)."""
+    indices: tuple[int, ...]
+    epoch: int
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5A3D))
+    return torch.randperm(num_samples, generator=g)
+
+
+class GlobalBatchSampler:
+    """Yields this process's micro-batches, in order, for steps [start, stop)."""
+
+    def __init__(self, num_samples: int, layout: Layout, seed: int):
+        self.num_samples = num_samples
+        self.layout = layout
+        self.seed = seed
+        self.steps_per_epoch = num_samples // layout.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.global_batch ({layout.global_batch}) is larger than the "
+                              f"training set ({num_samples} samples)")
+
+    def micro_batches(self, start: int, stop: int) -> Iterator[BatchSpec]:
+        lay = self.layout
+        epoch, perm = -1, None
+        for step in range(start, stop):
+            e, s = divmod(step, self.steps_per_epoch)
+            if e != epoch:
+                epoch, perm = e, epoch_permutation(self.num_samples, self.seed, e)
+            base = s * lay.global_batch
+            for a in range(lay.accum_steps):
+                lo = base + (a * lay.world_size + lay.rank) * lay.micro_batch
+                yield BatchSpec(tuple(perm[lo:lo + lay.micro_batch].tolist()), e)
+
+
+def eval_batches(num_samples: int, batch: int, rank: int, world_size: int) -> list[BatchSpec]:
+    """A contiguous shard per process, no padding: every sample is counted once."""
+    lo, hi = rank * num_samples // world_size, (rank + 1) * num_samples // world_size
+    return [BatchSpec(tuple(range(i, min(i + batch, hi))), 0) for i in range(lo, hi, batch)]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, indices, count: int) -> np.ndarray:
+    """`count` uniforms in [0, 1) per sample, a pure function of (seed, epoch, index).
+
+    Augmentation draws from here, never from a worker's or process's RNG, so a sample
+    is transformed identically whatever process, worker or micro-step loads it.
+    """
+    idx = np.asarray(indices, dtype=np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        key = _splitmix64(_splitmix64(np.array([seed & (2**64 - 1)], np.uint64)) ^ np.uint64(epoch))
+        x = _splitmix64(key ^ _splitmix64(idx))
+        z = _splitmix64(x + np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

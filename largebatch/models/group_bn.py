@@ -1,0 +1,95 @@
+"""BatchNorm over fixed-size groups of samples, with running statistics updated once
+per optimizer step from every group of the global batch.
+
+Why: with plain BatchNorm the statistics depend on how the global batch is cut into
+processes and micro-batches, so a 1x8 and an 8x1 layout train different models. Here
+the micro-batch is cut into groups of `group_size` consecutive samples (positions in
+the global batch), each normalised with its own statistics; the running averages are
+updated in `commit_running_stats` with the mean of all group statistics of the step,
+summed across processes. Every layout then computes the same thing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import dist
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    def __init__(self, num_features: int, group_size: int = 0, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.group_size = group_size
+        # Sums of group statistics since the last commit; not part of the state_dict,
+        # because a checkpoint is only written between optimizer steps.
+        self.register_buffer("stat_sum", torch.zeros(2, num_features), persistent=False)
+        self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                False, 0.0, self.eps)
+        n, c = x.shape[0], x.shape[1]
+        g = self.group_size or n
+        if n % g != 0:
+            raise ValueError(f"batch of {n} is not a multiple of bn_group_size {g}")
+        k = n // g
+        # momentum=1 turns the "running" buffers into this batch's statistics
+        # (mean, unbiased variance) computed by the native kernel.
+        mean = torch.zeros(k * c, device=x.device)
+        var = torch.zeros(k * c, device=x.device)
+        if k == 1:
+            y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+        else:
+            # (n, c, h, w) -> (g, k*c, h, w): each group's channels become distinct
+            # channels of one batch of g samples.
+            xg = x.reshape(k, g, *x.shape[1:]).transpose(0, 1).reshape(g, k * c, *x.shape[2:])
+            yg = F.batch_norm(xg, mean, var, self.weight.repeat(k), self.bias.repeat(k),
+                              True, 1.0, self.eps)
+            y = yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
+        with torch.no_grad():
+            self.stat_sum[0] += mean.view(k, c).sum(0)
+            self.stat_sum[1] += var.view(k, c).sum(0)
+            self.stat_count += k
+        return y
+
+
+def convert(module: nn.Module, group_size: int, momentum: float) -> nn.Module:
+    """Replace every BatchNorm2d by a GroupBatchNorm2d, keeping parameters and buffers
+    (the state_dict keys stay those of the original model)."""
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GroupBatchNorm2d):
+        new = GroupBatchNorm2d(module.num_features, group_size, eps=module.eps, momentum=momentum,
+                               affine=module.affine, track_running_stats=True)
+        with torch.no_grad():
+            if module.affine:
+                new.weight.copy_(module.weight)
+                new.bias.copy_(module.bias)
+            if module.running_mean is not None:
+                new.running_mean.copy_(module.running_mean)
+                new.running_var.copy_(module.running_var)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert(child, group_size, momentum))
+    return module
+
+
+@torch.no_grad()
+def commit_running_stats(model: nn.Module) -> None:
+    """Fold the step's group statistics, from all processes, into the running averages."""
+    bns = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
+    if not bns:
+        return
+    flat = torch.cat([torch.cat([m.stat_sum.flatten(), m.stat_count.view(1)]) for m in bns])
+    dist.all_reduce_sum(flat)
+    offset = 0
+    for m in bns:
+        c = m.num_features
+        sums, count = flat[offset:offset + 2 * c].view(2, c), flat[offset + 2 * c]
+        offset += 2 * c + 1
+        if count > 0:
+            m.running_mean.mul_(1 - m.momentum).add_(sums[0] / count, alpha=m.momentum)
+            m.running_var.mul_(1 - m.momentum).add_(sums[1] / count, alpha=m.momentum)
+            m.num_batches_tracked += 1
+        m.stat_sum.zero_()
+        m.stat_count.zero_()

@@ -1,0 +1,188 @@
+"""The training loop: set up, resume, then step / log / evaluate / checkpoint."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, dist
+from .config import Config, dump_yaml, to_dict
+from .data import build_dataset, data_channels, default_workers, make_loader
+from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
+from .evaluate import evaluate
+from .models import build_model, group_bn, model_channels
+from .optim import apply_schedule, build_optimizer
+from .optim.schedule import build_phases, phase_at, phase_lr
+from .runlog import MetricsLog, environment, summary_table, write_json
+
+
+def pick_device(info: dist.DistInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def set_threads(requested: int, info: dist.DistInfo) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = requested or max(1, cores // info.local_world_size)
+    torch.set_num_threads(threads)
+    return threads
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once."""
+    cfg: Config
+    out: Path
+    device: torch.device
+    info: dist.DistInfo
+    layout: Layout
+    model: torch.nn.Module      # the bare model (checkpoints, eval)
+    ddp: torch.nn.Module        # what the step calls: DDP-wrapped when several processes
+    optimizer: torch.optim.Optimizer
+    sampler: GlobalBatchSampler
+    train_set: object
+    val_set: object
+    phases: list
+    total_steps: int
+    workers: int
+
+
+def setup(cfg: Config, out: Path) -> Run:
+    probe = dist.from_env()
+    device = pick_device(probe)
+    info = dist.init(device)
+    set_threads(cfg.train.threads, info)
+    # Everything the config alone can reject is rejected before any data is read.
+    layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
+    model_channels(cfg.model, data_channels(cfg.data))
+    train_set = build_dataset(cfg.data, "train", cfg.train.seed)
+    val_set = build_dataset(cfg.data, "val", cfg.train.seed)
+    sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
+    spe = sampler.steps_per_epoch
+    total = cfg.train.steps or max(1, int(round(cfg.train.epochs * spe)))
+    phases = build_phases(cfg, spe, total)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, train_set.channels, train_set.num_classes).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
+               ddp=model, optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
+               phases=phases, total_steps=total,
+               workers=default_workers(cfg.data, info.local_world_size))
+
+
+def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
+    """One optimizer step over accum_steps micro-batches; returns this process's mean loss."""
+    lay, fmt = run.layout, torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    run.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=run.device)
+    for a in range(lay.accum_steps):
+        x, y = next(batches)
+        x = x.to(run.device, non_blocking=True, memory_format=fmt)
+        y = y.to(run.device, non_blocking=True)
+        with dist.no_sync(run.ddp, skip=a < lay.accum_steps - 1), \
+                torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16):
+            loss = loss_fn(run.ddp(x).float(), y) / lay.accum_steps
+        loss.backward()
+        total += loss.detach()
+    run.optimizer.step()
+    group_bn.commit_running_stats(run.model)
+    return total
+
+
+def save_checkpoint(run: Run, step: int, extra: dict) -> None:
+    if run.info.is_main:
+        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
+                 "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg), **extra}
+        checkpoint.save(state, run.out / "checkpoints", step, run.cfg.train.keep_checkpoints)
+    dist.barrier()
+
+
+def train(cfg: Config, out: Path, resume: bool = False) -> dict:
+    out = Path(out)
+    run = setup(cfg, out)
+    t, info, spe = cfg.train, run.info, run.sampler.steps_per_epoch
+    start, wall_before = 0, 0.0
+    last = checkpoint.latest(out / "checkpoints") if resume else None
+    if last is not None:
+        state = checkpoint.load(last)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        start, wall_before = state["step"], state.get("wall_seconds", 0.0)
+    run.ddp = dist.wrap(run.model, run.device)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+        write_json(out / "run.json", {**environment(), "processes": info.world_size,
+                                      "accum_steps": run.layout.accum_steps,
+                                      "micro_batch": run.layout.micro_batch,
+                                      "steps_per_epoch": spe, "total_steps": run.total_steps,
+                                      "resumed_from_step": start})
+    log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
+    log.truncate_after(start)  # lines past the checkpoint will be written again
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps),
+                               run.workers, run.device))
+    eval_every = max(1, int(round(t.eval_every_epochs * spe))) if t.eval_every_epochs > 0 else 0
+    evaluate_now = lambda: evaluate(run.model, run.val_set, t.eval_batch, run.device, run.workers,
+                                    t.bf16, t.channels_last)
+    bar = tqdm(total=run.total_steps, initial=start, disable=None if info.is_main else True,
+               unit="step", dynamic_ncols=True)
+    zero = lambda: torch.zeros((), device=run.device)
+    t0 = window_t0 = time.perf_counter()
+    paused = 0.0  # seconds spent evaluating and checkpointing, kept out of images/s
+    window_steps, loss_sum, result = 0, zero(), None
+
+    for step in range(start, run.total_steps):
+        phase = phase_at(step, run.phases)
+        lr = phase_lr(step - phase.start, phase)
+        apply_schedule(run.optimizer, lr, phase.weight_decay)
+        loss_sum += train_step(run, batches, loss_fn)
+        window_steps += 1
+        done = step + 1
+        if done % t.log_every_steps == 0 or done == run.total_steps:
+            loss = dist.all_reduce_sum(loss_sum).item() / (info.world_size * window_steps)
+            now = time.perf_counter()
+            ips = window_steps * run.layout.global_batch / (now - window_t0)
+            log.write(step=done, epoch=done / spe, lr=lr, loss=loss, images_per_sec=ips)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}")
+            window_t0, window_steps, loss_sum = now, 0, zero()
+        bar.update(1)
+        is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps
+        is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
+        pause_t0 = time.perf_counter()
+        if is_eval:
+            result = evaluate_now()
+            log.write(step=done, epoch=done / spe, lr=lr, eval=True, **result)
+            if info.is_main:
+                bar.write(f"step {done} epoch {done / spe:.2f}: top-1 {result['top1']:.4f} "
+                          f"top-5 {result['top5']:.4f}")
+        if is_ckpt:
+            save_checkpoint(run, done, {"wall_seconds": wall_before + time.perf_counter() - t0})
+        pause = time.perf_counter() - pause_t0
+        paused += pause
+        window_t0 += pause
+    bar.close()
+
+    if result is None:  # resumed at the end: evaluate the final weights
+        result = evaluate_now()
+    wall = wall_before + time.perf_counter() - t0
+    steps_run = max(run.total_steps - start, 0)
+    summary = {"top1": result["top1"], "top5": result["top5"], "epochs": run.total_steps / spe,
+               "steps": run.total_steps, "global_batch": run.layout.global_batch,
+               "processes": info.world_size, "accum_steps": run.layout.accum_steps,
+               "micro_batch": run.layout.micro_batch,
+               "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - paused, 1e-9),
+               "wall_seconds": wall, "skipped_files": list(getattr(run.train_set, "skipped", []))}
+    if info.is_main:
+        write_json(out / "summary.json", summary)
+        print(f"\nlargebatch: {out}\n{summary_table(summary)}", flush=True)
+    dist.barrier()
+    return summary

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from largebatch.data import fmnist
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    root = fmnist.resolve_dir(None)
+    if not (root / "train-images-idx3-ubyte.gz").exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Fashion-MNIST missing from {root}: CI must install dataset-fashion-mnist")
+        pytest.skip(f"Fashion-MNIST not installed in {root} (apt-get install dataset-fashion-mnist)")
+    return root
+
+
+def run_cli(*args, env=None, nproc=1, check=True, timeout=600):
+    """Run `largebatch ARGS` in a subprocess (under torchrun when nproc > 1)."""
+    base = [sys.executable, "-m"]
+    if nproc > 1:
+        base += ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0", "-m"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(base + ["largebatch", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"largebatch {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc

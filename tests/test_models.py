@@ -1,0 +1,96 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from largebatch.config import ConfigError, ModelConfig
+from largebatch.models import build_model, group_bn, model_channels
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_cifar_resnet_depths_and_shapes():
+    # He et al. 2016: resnet20 0.27M, resnet56 0.85M parameters (our 1x1-conv shortcuts add a little)
+    assert 0.26e6 < n_params(build_model(ModelConfig(name="resnet20"), 3, 10)) < 0.29e6
+    assert 0.84e6 < n_params(build_model(ModelConfig(name="resnet56"), 3, 10)) < 0.87e6
+    m = build_model(ModelConfig(name="resnet8", bn_group_size=0), 1, 7)
+    assert m(torch.randn(4, 1, 28, 28)).shape == (4, 7)
+
+
+def test_resnet50_is_torchvisions_unmodified():
+    ours = build_model(ModelConfig(name="resnet50", zero_init_gamma="none"), 3, 1000)
+    ref = torchvision.models.resnet50(weights=None)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert n_params(ours) == n_params(ref) == 25_557_032
+    ours.load_state_dict(ref.state_dict())  # interchangeable checkpoints
+
+
+@pytest.mark.parametrize("which,expect", [("all", 16), ("last_per_stage", 4), ("none", 0)])
+def test_zero_init_gamma(which, expect):
+    m = build_model(ModelConfig(name="resnet50", zero_init_gamma=which), 3, 10)
+    zeros = [n for n, mod in m.named_modules() if isinstance(mod, nn.BatchNorm2d) and mod.weight.abs().sum() == 0]
+    assert len(zeros) == expect
+    if which == "last_per_stage":
+        assert zeros == ["layer1.2.bn3", "layer2.3.bn3", "layer3.5.bn3", "layer4.2.bn3"]
+
+
+def test_channel_mismatch_names_the_key():
+    with pytest.raises(ConfigError, match="model.name: resnet50"):
+        model_channels(ModelConfig(name="resnet50"), 1)
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        model_channels(ModelConfig(name="resnet8", in_channels=3), 1)
+    with pytest.raises(ConfigError, match="unknown model"):
+        model_channels(ModelConfig(name="vgg16"), 3)
+
+
+def test_group_bn_normalises_each_group_like_plain_bn():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+    gbn = group_bn.GroupBatchNorm2d(3, group_size=4)
+    nn.init.uniform_(gbn.weight)
+    nn.init.uniform_(gbn.bias)
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(gbn.state_dict())
+    y = gbn(x)
+    want = torch.cat([ref(x[:4]), ref(x[4:])])
+    torch.testing.assert_close(y, want)
+    # gradients flow through the regrouping
+    y.square().sum().backward()
+    assert gbn.weight.grad is not None and torch.isfinite(gbn.weight.grad).all()
+
+
+def test_group_bn_running_stats_are_one_update_per_step_from_all_groups():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 3, 3)
+    gbn = group_bn.GroupBatchNorm2d(2, group_size=2, momentum=0.5)
+    model = nn.Sequential(gbn)
+    model(x[:4])
+    model(x[4:])      # two micro-batches of one step
+    group_bn.commit_running_stats(model)
+    groups = x.view(4, 2, 2, 3, 3)
+    mean = groups.mean(dim=(1, 3, 4)).mean(0)
+    var = groups.transpose(1, 2).reshape(4, 2, -1).var(dim=2, unbiased=True).mean(0)
+    torch.testing.assert_close(gbn.running_mean, 0.5 * mean)
+    torch.testing.assert_close(gbn.running_var, 0.5 * 1 + 0.5 * var)
+    assert gbn.num_batches_tracked.item() == 1
+    assert gbn.stat_count.item() == 0  # reset for the next step
+    gbn.eval()
+    torch.testing.assert_close(gbn(x), (x - gbn.running_mean.view(1, -1, 1, 1)) /
+                               torch.sqrt(gbn.running_var.view(1, -1, 1, 1) + gbn.eps))
+
+
+def test_group_bn_rejects_ragged_batch():
+    gbn = group_bn.GroupBatchNorm2d(2, group_size=4)
+    with pytest.raises(ValueError, match="bn_group_size"):
+        gbn(torch.randn(6, 2, 3, 3))
+
+
+def test_group_bn_under_bf16_autocast():
+    gbn = group_bn.GroupBatchNorm2d(4, group_size=2)
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gbn(conv(torch.randn(4, 3, 8, 8)))
+    assert torch.isfinite(y.float()).all()
+    assert gbn.stat_count.item() == 2
