@@ -65,6 +65,23 @@ def cmd_recipes(args) -> None:
         print(f"{name:<{width}}  {describe(name)}")
 
 
+def cmd_slurm(args) -> None:
+    from .slurm import sbatch_script
+    train_args = list(args.train_args)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    if not any(a == "--recipe" for a in train_args):
+        raise ConfigError("slurm: give the train arguments after --, e.g. -- --recipe sc18-run-a --data DIR")
+    script = sbatch_script(train_args, args.nodes, args.procs_per_node, args.threads, args.time, args.out,
+                           args.partition, args.account, args.gpus_per_node, args.signal_seconds, args.python)
+    if args.write:
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # sbatch opens --output before the script runs
+        Path(args.write).write_text(script)
+        print(f"wrote {args.write}: submit with `sbatch {args.write}`")
+    else:
+        print(script, end="")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="largebatch", description="Large-minibatch synchronous SGD training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +106,21 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset directory (default: the one the run used)")
     e.add_argument("--batch", type=int)
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("slurm", help="write an sbatch script for N nodes x P processes per node")
+    s.add_argument("--nodes", type=int, required=True)
+    s.add_argument("--procs-per-node", type=int, default=2, help="2 = one per socket on a dual-socket node")
+    s.add_argument("--threads", type=int, required=True, help="threads (cores) per process")
+    s.add_argument("--time", default="01:00:00", help="wall-time limit")
+    s.add_argument("--out", required=True, help="run directory (shared file system)")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    s.add_argument("--gpus-per-node", type=int, default=0)
+    s.add_argument("--signal-seconds", type=int, default=300, help="SIGUSR1 this long before the limit")
+    s.add_argument("--python", default="python", help="the Python that has largebatch installed")
+    s.add_argument("--write", help="write the script here instead of printing it")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the `largebatch train` arguments")
+    s.set_defaults(func=cmd_slurm)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)

@@ -110,7 +110,8 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = False
     threads: int = 0
-    """torch threads per process; 0 = the cores this process may use / local processes."""
+    """torch threads per process; 0 = OMP_NUM_THREADS if set, else the cores this process
+    may use / processes on this node."""
     eval_every_epochs: float = 1.0
     eval_batch: int = 500
     log_every_steps: int = 10
@@ -122,6 +123,19 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DistConfig:
+    allreduce_bf16: bool = False
+    """All-reduce gradients in bf16 (half the bytes; the sum is rounded to bf16)."""
+    bucket_mb: float = 25.0
+    """DDP gradient bucket size: buckets are all-reduced while backward goes on."""
+    exact_reduction: bool = False
+    """Sum micro-batch gradients in fp64 across micro-steps and processes, so that every
+    process layout computes the same weights to the last bit (fp32 sums round in an
+    order that depends on the layout, and training amplifies that). Costs twice the
+    gradient bytes and gives up overlapping communication with backward."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Config:
     description: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -129,6 +143,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # --- building from dicts, with type checks ------------------------------------------

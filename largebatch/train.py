@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, dist
+from .preempt import StopRequest
 from .config import Config, dump_yaml, to_dict
 from .data import build_dataset, data_channels, default_workers, make_loader
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
@@ -28,8 +29,10 @@ def pick_device(info: dist.DistInfo) -> torch.device:
 
 
 def set_threads(requested: int, info: dist.DistInfo) -> int:
+    """train.threads, else OMP_NUM_THREADS, else this process's share of its cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = requested or max(1, cores // info.local_world_size)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = requested or (int(omp) if omp.isdigit() and int(omp) > 0 else max(1, cores // info.local_world_size))
     torch.set_num_threads(threads)
     return threads
 
@@ -51,6 +54,7 @@ class Run:
     phases: list
     total_steps: int
     workers: int
+    exact: dist.ExactReducer | None = None
 
 
 def setup(cfg: Config, out: Path) -> Run:
@@ -81,17 +85,24 @@ def setup(cfg: Config, out: Path) -> Run:
 def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
     """One optimizer step over accum_steps micro-batches; returns this process's mean loss."""
     lay, fmt = run.layout, torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    exact = run.exact
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for a in range(lay.accum_steps):
         x, y = next(batches)
         x = x.to(run.device, non_blocking=True, memory_format=fmt)
         y = y.to(run.device, non_blocking=True)
-        with dist.no_sync(run.ddp, skip=a < lay.accum_steps - 1), \
+        # DDP all-reduces on the last micro-step only (never with the exact reducer).
+        with dist.no_sync(run.ddp, skip=exact is not None or a < lay.accum_steps - 1), \
                 torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16):
-            loss = loss_fn(run.ddp(x).float(), y) / lay.accum_steps
-        loss.backward()
-        total += loss.detach()
+            loss = loss_fn(run.ddp(x).float(), y)
+        # The exact reducer divides its fp64 sum once; otherwise each micro-batch's share.
+        (loss if exact is not None else loss / lay.accum_steps).backward()
+        if exact is not None:
+            exact.accumulate()
+        total += loss.detach() / lay.accum_steps
+    if exact is not None:
+        exact.reduce(lay.accum_steps * lay.world_size)
     run.optimizer.step()
     group_bn.commit_running_stats(run.model)
     return total
@@ -116,7 +127,10 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
-    run.ddp = dist.wrap(run.model, run.device)
+    run.ddp, comm = dist.wrap(run.model, run.device, cfg.dist.allreduce_bf16, cfg.dist.bucket_mb)
+    run.exact = dist.ExactReducer(run.model) if cfg.dist.exact_reduction else None
+    comm = run.exact or comm
+    stop = StopRequest()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
@@ -139,21 +153,27 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
     t0 = window_t0 = time.perf_counter()
     paused = 0.0  # seconds spent evaluating and checkpointing, kept out of images/s
     window_steps, loss_sum, result = 0, zero(), None
+    comm_sum = [0.0, 0.0]  # communication window, exposed tail (seconds, summed over the log window)
 
     for step in range(start, run.total_steps):
         phase = phase_at(step, run.phases)
         lr = phase_lr(step - phase.start, phase)
         apply_schedule(run.optimizer, lr, phase.weight_decay)
         loss_sum += train_step(run, batches, loss_fn)
+        if comm is not None:
+            comm_sum = [a + b for a, b in zip(comm_sum, comm.seconds())]
+            comm.reset()
         window_steps += 1
         done = step + 1
         if done % t.log_every_steps == 0 or done == run.total_steps:
             loss = dist.all_reduce_sum(loss_sum).item() / (info.world_size * window_steps)
             now = time.perf_counter()
             ips = window_steps * run.layout.global_batch / (now - window_t0)
-            log.write(step=done, epoch=done / spe, lr=lr, loss=loss, images_per_sec=ips)
+            log.write(step=done, epoch=done / spe, lr=lr, loss=loss, images_per_sec=ips,
+                      step_seconds=(now - window_t0) / window_steps, comm_seconds=comm_sum[0] / window_steps,
+                      comm_exposed_seconds=comm_sum[1] / window_steps)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}")
-            window_t0, window_steps, loss_sum = now, 0, zero()
+            window_t0, window_steps, loss_sum, comm_sum = now, 0, zero(), [0.0, 0.0]
         bar.update(1)
         is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps
         is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
@@ -164,12 +184,22 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
             if info.is_main:
                 bar.write(f"step {done} epoch {done / spe:.2f}: top-1 {result['top1']:.4f} "
                           f"top-5 {result['top5']:.4f}")
-        if is_ckpt:
+        signum = stop.agreed(run.device)
+        if is_ckpt or signum:
             save_checkpoint(run, done, {"wall_seconds": wall_before + time.perf_counter() - t0})
+        if signum:
+            bar.close()
+            log.write(step=done, epoch=done / spe, stopped_by_signal=signum)
+            if info.is_main:
+                print(f"largebatch: signal {signum}: checkpoint at step {done} written to "
+                      f"{out / 'checkpoints'}; continue with --resume", flush=True)
+            stop.restore()
+            raise SystemExit(128 + signum)
         pause = time.perf_counter() - pause_t0
         paused += pause
         window_t0 += pause
     bar.close()
+    stop.restore()
 
     if result is None:  # resumed at the end: evaluate the final weights
         result = evaluate_now()

@@ -24,7 +24,7 @@ def run_cli(*args, env=None, nproc=1, check=True, timeout=600):
     """Run `largebatch ARGS` in a subprocess (under torchrun when nproc > 1)."""
     base = [sys.executable, "-m"]
     if nproc > 1:
-        base += ["torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0", "-m"]
+        base += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(base + ["largebatch", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=ROOT)

@@ -16,15 +16,10 @@ def test_two_processes_match_one_process(tmp_path, fmnist_dir):
     run_cli("train", *args, "--out", tmp_path / "two", nproc=2)
     one = checkpoint.load(tmp_path / "one/checkpoints/last.pt")
     two = checkpoint.load(tmp_path / "two/checkpoints/last.pt")
-    worst = 0.0
+    # fp32 gradient sums round differently in the two layouts (see test_scaleout for the
+    # exact reduction); five steps keep that within float-rounding distance.
     for k, a in one["model"].items():
-        b = two["model"][k]
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
-            worst = max(worst, ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item())
-        else:
-            assert torch.equal(a, b), k
-    assert worst < 1e-4
+        torch.testing.assert_close(a, two["model"][k], rtol=1e-4, atol=1e-5, msg=k)
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert (summary["processes"], summary["accum_steps"], summary["micro_batch"]) == (2, 2, 16)
 

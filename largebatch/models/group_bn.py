@@ -23,8 +23,9 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         self.group_size = group_size
         # Sums of group statistics since the last commit; not part of the state_dict,
         # because a checkpoint is only written between optimizer steps.
-        self.register_buffer("stat_sum", torch.zeros(2, num_features), persistent=False)
-        self.register_buffer("stat_count", torch.zeros(()), persistent=False)
+        # fp64, so that the sum over groups and processes does not depend on their order.
+        self.register_buffer("stat_sum", torch.zeros(2, num_features, dtype=torch.float64), persistent=False)
+        self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -49,8 +50,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
                               True, 1.0, self.eps)
             y = yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
         with torch.no_grad():
-            self.stat_sum[0] += mean.view(k, c).sum(0)
-            self.stat_sum[1] += var.view(k, c).sum(0)
+            self.stat_sum[0] += mean.view(k, c).double().sum(0)
+            self.stat_sum[1] += var.view(k, c).double().sum(0)
             self.stat_count += k
         return y
 
@@ -88,8 +89,8 @@ def commit_running_stats(model: nn.Module) -> None:
         sums, count = flat[offset:offset + 2 * c].view(2, c), flat[offset + 2 * c]
         offset += 2 * c + 1
         if count > 0:
-            m.running_mean.mul_(1 - m.momentum).add_(sums[0] / count, alpha=m.momentum)
-            m.running_var.mul_(1 - m.momentum).add_(sums[1] / count, alpha=m.momentum)
+            m.running_mean.mul_(1 - m.momentum).add_((sums[0] / count).float(), alpha=m.momentum)
+            m.running_var.mul_(1 - m.momentum).add_((sums[1] / count).float(), alpha=m.momentum)
             m.num_batches_tracked += 1
         m.stat_sum.zero_()
         m.stat_count.zero_()
