@@ -16,7 +16,7 @@ def sbatch_script(train_args: list[str], nodes: int, procs_per_node: int, thread
                   gpus_per_node: int = 0, signal_seconds: int = 300, python: str = "python") -> str:
     if nodes < 1 or procs_per_node < 1 or threads < 1:
         raise ValueError("--nodes, --procs-per-node and --threads must be positive")
-    opt = [f"--job-name=largebatch", f"--nodes={nodes}", f"--ntasks-per-node={procs_per_node}",
+    opt = ["--job-name=largebatch", f"--nodes={nodes}", f"--ntasks-per-node={procs_per_node}",
            f"--cpus-per-task={threads}", f"--time={time}", f"--signal=USR1@{signal_seconds}",
            "--requeue", f"--output={out}/slurm-%j.out"]
     if partition:
