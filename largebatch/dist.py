@@ -92,8 +92,16 @@ def init(device: torch.device) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", first_host(nodelist) if nodelist else "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        td.init_process_group(backend, rank=_INFO.rank, world_size=_INFO.world_size,
-                              timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        # Under torchrun the agent hosts the store and keeps it across restarts; keys
+        # of a killed attempt would be read by the next one (gloo then dials a dead
+        # peer), so every attempt gets its own key prefix.
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _INFO.world_size,
+                            is_master=_INFO.rank == 0 and not agent_store, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        td.init_process_group(backend, store=td.PrefixStore(f"largebatch/attempt_{attempt}", store),
+                              rank=_INFO.rank, world_size=_INFO.world_size, timeout=timeout)
     return _INFO
 
 
