@@ -8,11 +8,8 @@ OMPI_COMM_WORLD_*, MPICH/Intel MPI's PMI_*).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
-import inspect
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -129,108 +126,3 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if active():
         td.barrier()
-
-
-class CommTimer:
-    """A DDP communication hook: all-reduces each gradient bucket (in fp32, or in bf16
-    to halve the bytes on the wire) and records when the step's communication started
-    and ended, so the loop can report the time spent on it."""
-
-    def __init__(self, bf16: bool):
-        self.bf16 = bf16
-        self.reset()
-
-    def reset(self) -> None:
-        self.first_launch = self.last_launch = self.last_done = None
-
-    def allreduce(self, bucket):
-        now = time.perf_counter()
-        self.first_launch = self.first_launch or now
-        self.last_launch = now
-        grads = bucket.buffer()
-        send = grads.to(torch.bfloat16) if self.bf16 else grads
-        send.div_(td.get_world_size())
-        fut = td.all_reduce(send, async_op=True).get_future()
-
-        def done(f):
-            self.last_done = time.perf_counter()
-            if self.bf16:
-                grads.copy_(f.value()[0])
-            return grads
-        return fut.then(done)
-
-    def seconds(self) -> tuple[float, float]:
-        """(communication window: first bucket sent to last bucket reduced,
-        exposed tail: last bucket sent to reduced, which backward cannot hide)."""
-        if self.first_launch is None or self.last_done is None:
-            return 0.0, 0.0
-        return self.last_done - self.first_launch, self.last_done - self.last_launch
-
-
-def _timed_allreduce(timer: CommTimer, bucket):
-    return timer.allreduce(bucket)
-
-
-def wrap(model: torch.nn.Module, device: torch.device, allreduce_bf16: bool = False,
-         bucket_mb: float = 25.0) -> tuple[torch.nn.Module, CommTimer | None]:
-    """DistributedDataParallel when there are several processes. BatchNorm buffers are
-    kept in step by group_bn.commit_running_stats, so DDP must not broadcast them."""
-    if not active():
-        return model, None
-    ids = [device.index] if device.type == "cuda" else None
-    ddp = torch.nn.parallel.DistributedDataParallel
-    kwargs = dict(device_ids=ids, bucket_cap_mb=bucket_mb)
-    # torch >= 2.14 renamed the switch; older releases know only broadcast_buffers.
-    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
-        wrapped = ddp(model, forward_sync_buffers=False, **kwargs)
-    else:
-        wrapped = ddp(model, broadcast_buffers=False, **kwargs)
-    timer = CommTimer(allreduce_bf16)
-    wrapped.register_comm_hook(timer, _timed_allreduce)
-    return wrapped, timer
-
-
-class ExactReducer:
-    """Gradient sums in fp64: per micro-batch gradients are added in fp64, summed across
-    processes in fp64 and divided once, so the order of additions no longer shows in
-    the fp32 result."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.sums = None
-        self.comm = 0.0
-
-    def accumulate(self) -> None:
-        grads = torch.cat([p.grad.reshape(-1).double() for p in self.params])
-        self.sums = grads if self.sums is None else self.sums.add_(grads)
-        for p in self.params:
-            p.grad = None
-
-    def reset(self) -> None:
-        self.comm = 0.0
-
-    def seconds(self) -> tuple[float, float]:
-        """Same meaning as CommTimer's; nothing overlaps backward here."""
-        return self.comm, self.comm
-
-    def reduce(self, count: int) -> None:
-        t0 = time.perf_counter()
-        all_reduce_sum(self.sums)
-        self.comm = time.perf_counter() - t0
-        flat = (self.sums / count).float()
-        self.sums = None
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-
-
-def no_sync(model: torch.nn.Module, skip: bool):
-    """Skip the gradient all-reduce on accumulation micro-steps."""
-    if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

@@ -26,6 +26,8 @@ class StopRequest:
     def agreed(self, device: torch.device) -> int:
         """The signal any process received, the same answer on every process (processes
         may receive the signal at different steps; all must stop at the same one)."""
+        if not dist.active():  # nothing to agree on, and no device sync on the step path
+            return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
         return int(dist.all_reduce_max(flag).item())
 

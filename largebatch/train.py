@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist
-from .preempt import StopRequest
+from . import checkpoint, dist, grad_sync
 from .config import Config, dump_yaml, to_dict
 from .data import build_dataset, data_channels, default_workers, make_loader
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
 from .evaluate import evaluate
+from .preempt import StopRequest
 from .models import build_model, group_bn, model_channels
 from .optim import apply_schedule, build_optimizer
 from .optim.schedule import build_phases, phase_at, phase_lr
@@ -32,7 +32,7 @@ def set_threads(requested: int, info: dist.DistInfo) -> int:
     """train.threads, else OMP_NUM_THREADS, else this process's share of its cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    threads = requested or (int(omp) if omp.isdigit() and int(omp) > 0 else max(1, cores // info.local_world_size))
+    threads = requested or (omp.isdigit() and int(omp)) or max(1, cores // info.local_world_size)
     torch.set_num_threads(threads)
     return threads
 
@@ -46,7 +46,6 @@ class Run:
     info: dist.DistInfo
     layout: Layout
     model: torch.nn.Module      # the bare model (checkpoints, eval)
-    ddp: torch.nn.Module        # what the step calls: DDP-wrapped when several processes
     optimizer: torch.optim.Optimizer
     sampler: GlobalBatchSampler
     train_set: object
@@ -54,7 +53,7 @@ class Run:
     phases: list
     total_steps: int
     workers: int
-    exact: dist.ExactReducer | None = None
+    sync: grad_sync.Bucketed | grad_sync.Exact | None = None  # set once the weights are loaded
 
 
 def setup(cfg: Config, out: Path) -> Run:
@@ -77,7 +76,7 @@ def setup(cfg: Config, out: Path) -> Run:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
-               ddp=model, optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
+               optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
                phases=phases, total_steps=total,
                workers=default_workers(cfg.data, info.local_world_size))
 
@@ -85,24 +84,18 @@ def setup(cfg: Config, out: Path) -> Run:
 def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
     """One optimizer step over accum_steps micro-batches; returns this process's mean loss."""
     lay, fmt = run.layout, torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
-    exact = run.exact
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for a in range(lay.accum_steps):
         x, y = next(batches)
         x = x.to(run.device, non_blocking=True, memory_format=fmt)
         y = y.to(run.device, non_blocking=True)
-        # DDP all-reduces on the last micro-step only (never with the exact reducer).
-        with dist.no_sync(run.ddp, skip=exact is not None or a < lay.accum_steps - 1), \
+        with run.sync.micro_step(a), \
                 torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16):
-            loss = loss_fn(run.ddp(x).float(), y)
-        # The exact reducer divides its fp64 sum once; otherwise each micro-batch's share.
-        (loss if exact is not None else loss / lay.accum_steps).backward()
-        if exact is not None:
-            exact.accumulate()
+            loss = loss_fn(run.sync.module(x).float(), y)
+        run.sync.backward(loss)
         total += loss.detach() / lay.accum_steps
-    if exact is not None:
-        exact.reduce(lay.accum_steps * lay.world_size)
+    run.sync.finish()
     run.optimizer.step()
     group_bn.commit_running_stats(run.model)
     return total
@@ -127,9 +120,7 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
-    run.ddp, comm = dist.wrap(run.model, run.device, cfg.dist.allreduce_bf16, cfg.dist.bucket_mb)
-    run.exact = dist.ExactReducer(run.model) if cfg.dist.exact_reduction else None
-    comm = run.exact or comm
+    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
     stop = StopRequest()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,9 +151,7 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
         lr = phase_lr(step - phase.start, phase)
         apply_schedule(run.optimizer, lr, phase.weight_decay)
         loss_sum += train_step(run, batches, loss_fn)
-        if comm is not None:
-            comm_sum = [a + b for a, b in zip(comm_sum, comm.seconds())]
-            comm.reset()
+        comm_sum = [a + b for a, b in zip(comm_sum, run.sync.take_seconds())]
         window_steps += 1
         done = step + 1
         if done % t.log_every_steps == 0 or done == run.total_steps:

@@ -20,6 +20,10 @@ def test_two_processes_match_one_process(tmp_path, fmnist_dir):
     # exact reduction); five steps keep that within float-rounding distance.
     for k, a in one["model"].items():
         torch.testing.assert_close(a, two["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    # the DDP bucket hook timed the communication of every logged window
+    logged = [json.loads(l) for l in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    windows = [l for l in logged if "comm_seconds" in l]
+    assert windows and all(l["comm_seconds"] >= l["comm_exposed_seconds"] > 0 for l in windows)
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert (summary["processes"], summary["accum_steps"], summary["micro_batch"]) == (2, 2, 16)
 

@@ -1,0 +1,125 @@
+"""How gradients become the global-batch mean: one interface, two strategies.
+
+`Bucketed` (the default) lets DDP all-reduce buckets of gradients while backward is
+still running, accumulating micro-batches in fp32. `Exact` sums every micro-batch's
+gradient in fp64 across micro-steps and processes and divides once, so the fp32 result
+does not depend on how the global batch was cut into processes and micro-steps; it
+costs twice the bytes and all overlap. With one process both run without DDP.
+
+The training step calls, for every micro-step a, `with sync.micro_step(a): loss = ...`
+then `sync.backward(loss)`, and `sync.finish()` before the optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+
+import torch
+import torch.distributed as td
+
+from . import dist
+from .config import DistConfig
+
+
+class Bucketed:
+    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig):
+        self.accum_steps, self.bf16 = accum_steps, cfg.allreduce_bf16
+        self.module = model
+        if dist.active():
+            self.module = self._ddp(model, device, cfg.bucket_mb)
+            self.module.register_comm_hook(self, _bucket_hook)
+        self._reset()
+
+    @staticmethod
+    def _ddp(model, device, bucket_mb):
+        # BatchNorm buffers are kept in step by group_bn.commit_running_stats, so DDP
+        # must not broadcast them. torch >= 2.14 renamed that switch.
+        ddp = torch.nn.parallel.DistributedDataParallel
+        kwargs = dict(device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=bucket_mb)
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+            return ddp(model, forward_sync_buffers=False, **kwargs)
+        return ddp(model, broadcast_buffers=False, **kwargs)
+
+    def micro_step(self, a: int):
+        """DDP all-reduces during the backward of the last micro-step only."""
+        if a < self.accum_steps - 1 and isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def finish(self) -> None:
+        pass
+
+    def _reset(self) -> None:
+        self.first_launch = self.last_launch = self.last_done = None
+
+    def _allreduce(self, bucket):
+        now = time.perf_counter()
+        self.first_launch = self.first_launch or now
+        self.last_launch = now
+        grads = bucket.buffer()
+        send = grads.to(torch.bfloat16) if self.bf16 else grads
+        send.div_(td.get_world_size())
+
+        def done(f):
+            self.last_done = time.perf_counter()
+            if self.bf16:
+                grads.copy_(f.value()[0])
+            return grads
+        return td.all_reduce(send, async_op=True).get_future().then(done)
+
+    def take_seconds(self) -> tuple[float, float]:
+        """This step's (communication window: first bucket sent to last reduced;
+        exposed tail: last bucket sent to reduced, which backward could not hide)."""
+        if self.first_launch is None or self.last_done is None:
+            out = (0.0, 0.0)
+        else:
+            out = (self.last_done - self.first_launch, self.last_done - self.last_launch)
+        self._reset()
+        return out
+
+
+def _bucket_hook(state: Bucketed, bucket):
+    return state._allreduce(bucket)
+
+
+class Exact:
+    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig):
+        self.module, self.accum_steps = model, accum_steps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sums = None
+        self.comm = 0.0
+
+    def micro_step(self, a: int):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Unscaled: dividing by accum_steps here would round differently per layout.
+        loss.backward()
+        grads = torch.cat([p.grad.reshape(-1).double() for p in self.params])
+        self.sums = grads if self.sums is None else self.sums.add_(grads)
+        for p in self.params:
+            p.grad = None
+
+    def finish(self) -> None:
+        t0 = time.perf_counter()
+        dist.all_reduce_sum(self.sums)
+        self.comm = time.perf_counter() - t0
+        flat = (self.sums / (self.accum_steps * dist.info().world_size)).float()
+        self.sums = None
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def take_seconds(self) -> tuple[float, float]:
+        """Same meaning as Bucketed's; nothing here overlaps backward."""
+        out, self.comm = (self.comm, self.comm), 0.0
+        return out
+
+
+def build(model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig) -> Bucketed | Exact:
+    return (Exact if cfg.exact_reduction else Bucketed)(model, device, accum_steps, cfg)
