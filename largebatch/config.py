@@ -37,6 +37,9 @@ class ModelConfig:
     """BatchNorm statistics over fixed groups of this many samples, taken by position
     in the global batch, so every process layout computes the same thing.
     0 = the whole micro-batch."""
+    sync_bn: bool = False
+    """SyncBN: statistics over the micro-batches of all processes together (needs
+    bn_group_size=0). The result then depends on the process layout."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -273,6 +276,8 @@ def validate(cfg: Config) -> None:
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
     need(o.lars_trust > 0, "optim.lars_trust must be positive")
     need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
+    need(not m.sync_bn or m.bn_group_size == 0,
+         "model.sync_bn normalises over all processes' micro-batches; set model.bn_group_size=0 with it")
     need(0 <= m.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]")
     need(0 < d.min_area <= d.max_area <= 1, "data.min_area/max_area must satisfy 0 < min <= max <= 1")
     need(0 < d.min_aspect <= d.max_aspect, "data.min_aspect/max_aspect must satisfy 0 < min <= max")

@@ -44,6 +44,7 @@ def test_set_overrides_with_types():
     ("train.global_batch=0", "train.global_batch must be positive"),
     ("schedule.milestones=[5, 2]", "schedule.milestones must be increasing"),
     ("nonsense", "--set expects KEY=VALUE"),
+    ("model.sync_bn=true", "set model.bn_group_size=0 with it"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):

@@ -94,3 +94,23 @@ def test_group_bn_under_bf16_autocast():
         y = gbn(conv(torch.randn(4, 3, 8, 8)))
     assert torch.isfinite(y.float()).all()
     assert gbn.stat_count.item() == 2
+
+
+def test_sync_bn_on_one_process_equals_plain_bn_forward_and_backward():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float32)
+    sbn = group_bn.GroupBatchNorm2d(3, sync=True)
+    nn.init.uniform_(sbn.weight)
+    nn.init.uniform_(sbn.bias)
+    ref = nn.BatchNorm2d(3)
+    ref.load_state_dict(sbn.state_dict())
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(6, 3, 4, 4)
+    (sbn(xs) * w).sum().backward()
+    (ref(xr) * w).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sbn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sbn.bias.grad, ref.bias.grad)
+    group_bn.commit_running_stats(nn.Sequential(sbn))
+    torch.testing.assert_close(sbn.running_mean, ref.running_mean)
+    torch.testing.assert_close(sbn.running_var, ref.running_var)

@@ -81,6 +81,21 @@ def test_layouts_and_launchers_train_the_same_model(tmp_path, fmnist_dir):
     assert all(l["comm_seconds"] > 0 for l in logged if "comm_seconds" in l)
 
 
+def test_sync_bn_on_two_processes_equals_whole_batch_bn_on_one(tmp_path, fmnist_dir):
+    """SyncBN: 2 processes x 32 normalise over 64 samples, like one process with micro-batch 64.
+    One step: the micro-batches differ in size, so their convolutions round differently and
+    later steps amplify that in near-zero tensors; the first update shows the statistics agree."""
+    sync = [*TINY, "--steps", "1", "--set", "dist.exact_reduction=true", "--set", "model.bn_group_size=0"]
+    run_cli("train", *sync, "--set", "model.sync_bn=true", "--micro-batch", "64", "--out", tmp_path / "one")
+    run_cli("train", *sync, "--set", "model.sync_bn=true", "--micro-batch", "32", "--out", tmp_path / "two", nproc=2)
+    run_cli("train", *sync, "--micro-batch", "32", "--out", tmp_path / "local", nproc=2)
+    deviation = max_rel_diff(final(tmp_path / "one"), final(tmp_path / "two"))
+    print("SyncBN 1x64 vs 2x32 deviation:", deviation)
+    assert deviation <= 1e-5
+    # without sync each process normalises its own 32 samples: a different model
+    assert max_rel_diff(final(tmp_path / "one"), final(tmp_path / "local")) > 1e-3
+
+
 def test_killed_worker_restarts_from_checkpoint_and_ends_identical(tmp_path, fmnist_dir):
     args = ["--recipe", "fmnist-large", "--global-batch", "512", "--micro-batch", "64", "--steps", "40",
             "--set", "train.bf16=false", "--set", "schedule.warmup_epochs=0", "--set", "train.eval_every_epochs=0",

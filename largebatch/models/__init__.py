@@ -52,4 +52,4 @@ def build_model(cfg: ModelConfig, data_channels: int, data_classes: int) -> nn.M
     if cfg.zero_init_gamma != "none":
         for bn in _last_bns(model, cfg.zero_init_gamma):
             nn.init.zeros_(bn.weight)
-    return group_bn.convert(model, cfg.bn_group_size, cfg.bn_momentum)
+    return group_bn.convert(model, cfg.bn_group_size, cfg.bn_momentum, cfg.sync_bn)

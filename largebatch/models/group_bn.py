@@ -15,12 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from .sync_bn import sync_batch_norm
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features: int, group_size: int = 0, **kwargs):
+    def __init__(self, num_features: int, group_size: int = 0, sync: bool = False, **kwargs):
         super().__init__(num_features, **kwargs)
         self.group_size = group_size
+        # sync: statistics over the micro-batches of all processes (SyncBN); the
+        # result then depends on the layout, which is what its users ask for.
+        self.sync = sync
         # Sums of group statistics since the last commit; not part of the state_dict,
         # because a checkpoint is only written between optimizer steps.
         # fp64, so that the sum over groups and processes does not depend on their order.
@@ -32,6 +36,15 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         n, c = x.shape[0], x.shape[1]
+        if self.sync:
+            y, mean, var = sync_batch_norm(x, self.weight, self.bias, self.eps)
+            # Every process holds the same statistics; commit_running_stats averages
+            # them over processes, which leaves them unchanged.
+            with torch.no_grad():
+                self.stat_sum[0] += mean.double()
+                self.stat_sum[1] += var.double()
+                self.stat_count += 1
+            return y
         g = self.group_size or n
         if n % g != 0:
             raise ValueError(f"batch of {n} is not a multiple of bn_group_size {g}")
@@ -56,11 +69,11 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-def convert(module: nn.Module, group_size: int, momentum: float) -> nn.Module:
+def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = False) -> nn.Module:
     """Replace every BatchNorm2d by a GroupBatchNorm2d, keeping parameters and buffers
     (the state_dict keys stay those of the original model)."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GroupBatchNorm2d):
-        new = GroupBatchNorm2d(module.num_features, group_size, eps=module.eps, momentum=momentum,
+        new = GroupBatchNorm2d(module.num_features, group_size, sync, eps=module.eps, momentum=momentum,
                                affine=module.affine, track_running_stats=True)
         with torch.no_grad():
             if module.affine:
@@ -71,7 +84,7 @@ def convert(module: nn.Module, group_size: int, momentum: float) -> nn.Module:
                 new.running_var.copy_(module.running_var)
         return new
     for name, child in module.named_children():
-        setattr(module, name, convert(child, group_size, momentum))
+        setattr(module, name, convert(child, group_size, momentum, sync))
     return module
 
 
