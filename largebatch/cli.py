@@ -30,30 +30,61 @@ def cmd_train(args) -> None:
     train(cfg, out, resume=args.resume)
 
 
-def cmd_eval(args) -> None:
-    from . import checkpoint, dist
+def _eval_setup(state: dict, data: str | None):
+    """Config, device, validation set and model for evaluating a saved state."""
+    from . import dist
     from .config import Config, from_dict
-    from .data import build_dataset, default_workers
-    from .evaluate import evaluate
+    from .data import build_dataset
     from .models import build_model
     from .train import pick_device, set_threads
 
-    state = checkpoint.load(Path(args.checkpoint))
     cfg = from_dict(Config, state["config"])
-    if args.data is not None:
-        cfg.data.path = args.data
+    if data is not None:
+        cfg.data.path = data
     device = pick_device(dist.from_env())
     info = dist.init(device)
     set_threads(cfg.train.threads, info)
     val = build_dataset(cfg.data, "val", cfg.train.seed)
     model = build_model(cfg.model, val.channels, val.num_classes).to(device)
+    return cfg, device, info, val, model
+
+
+def _emit(result: dict, out: str | None, is_main: bool) -> None:
+    if not is_main:
+        return
+    text = json.dumps(result, indent=2 if out else None)
+    if out:
+        Path(out).write_text(text + "\n")
+    print(text)
+
+
+def cmd_eval(args) -> None:
+    from . import checkpoint, dist
+    from .data import default_workers
+    from .evaluate import evaluate
+
+    state = checkpoint.load(Path(args.checkpoint))
+    cfg, device, info, val, model = _eval_setup(state, args.data)
     model.load_state_dict(state["model"])
     batch = args.batch or cfg.train.eval_batch
     result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size),
                       cfg.train.bf16, cfg.train.channels_last)
-    result = {"checkpoint": str(args.checkpoint), "step": state.get("step"), **result}
-    if info.is_main:
-        print(json.dumps(result))
+    _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result}, None, info.is_main)
+    dist.shutdown()
+
+
+def cmd_ensemble(args) -> None:
+    from . import checkpoint, dist
+    from .data import default_workers
+    from .ensemble import RunningEnsemble, evaluate_snapshots
+
+    paths = [Path(p) for p in args.snapshots]
+    cfg, device, info, val, model = _eval_setup(checkpoint.load(paths[-1]), args.data)
+    members = RunningEnsemble(val, args.batch or cfg.train.eval_batch, device,
+                              default_workers(cfg.data, info.local_world_size), cfg.train.bf16,
+                              cfg.train.channels_last)
+    result = evaluate_snapshots(paths, model, members)
+    _emit(result, args.out, info.is_main)
     dist.shutdown()
 
 
@@ -106,6 +137,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="dataset directory (default: the one the run used)")
     e.add_argument("--batch", type=int)
     e.set_defaults(func=cmd_eval)
+
+    en = sub.add_parser("ensemble", help="evaluate snapshots alone and as ensembles of the last k; prints JSON")
+    en.add_argument("snapshots", nargs="+", help="snapshot files, oldest first (e.g. OUT/snapshots/*.pt)")
+    en.add_argument("--data", help="dataset directory (default: the one the run used)")
+    en.add_argument("--batch", type=int)
+    en.add_argument("--out", help="also write the JSON here")
+    en.set_defaults(func=cmd_ensemble)
 
     s = sub.add_parser("slurm", help="write an sbatch script for N nodes x P processes per node")
     s.add_argument("--nodes", type=int, required=True)

@@ -54,6 +54,8 @@ class DataConfig:
     image_size: int = 224
     """Train crop size for folder data."""
     eval_resize: int = 256
+    eval_samples: int = 0
+    """Evaluate on the first this many validation samples only; 0 = all."""
     eval_crop: int = 224
     min_area: float = 0.08
     max_area: float = 1.0
@@ -102,6 +104,60 @@ class ScheduleConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class PhaseConfig:
+    """One phase of a phased schedule (main, cycle, collapse). LR values are multiples
+    of the recipe's peak LR (schedule.peak_lr, or the linear scaling rule), so a phase
+    list keeps its shape when the global batch changes."""
+    name: str = "phase"
+    epochs: float = 1.0
+    peak: float = 1.0
+    warmup_epochs: float = 0.0
+    """Linear (re-)warmup from warmup_start to peak over the phase's first epochs."""
+    warmup_start: float = 0.0
+    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
+    poly_power: float = 1.0
+    horizon_epochs: float | None = None
+    """Where poly/cosine reach their end, counted from the phase start; None = phase length."""
+    final: float = 0.0
+    """Cosine floor."""
+    milestones: list[float] = field(default_factory=list)
+    """Step decay points, in epochs from the phase start."""
+    gamma: float = 0.1
+    weight_decay: float | None = None
+    """None = optim.weight_decay."""
+    augment: bool | None = None
+    """Train augmentation in this phase; None = data.augment."""
+    reset_momentum: bool = False
+    """Start the phase with empty momentum buffers (the authors restarted each cycle)."""
+    snapshot: bool = True
+    """Save OUT/snapshots/NN.pt at the phase end and add it to the ensemble."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EnsembleConfig:
+    """Generator of a Collapsed Ensemble schedule from any recipe: the epoch budget is
+    split into a main phase (the recipe's own schedule, cut short), `cycles` LR cycles
+    and a collapse, following the pattern of the SC18 authors' run B."""
+    cycles: int = 0
+    """0 = off (the recipe's `phases`, or its single schedule)."""
+    main_fraction: float = 0.5
+    collapse_fraction: float = 0.1
+    """0 = no collapse phase."""
+    first_peak: float = 1.1
+    """Cycle 1 peak, as a multiple of the LR where the main phase was cut (run B: 1.02 / 0.93)."""
+    peak_decay: float = 0.75
+    """Each cycle's peak is this times the previous one."""
+    rewarmup_fraction: float = 0.2
+    """Cycles after the first re-warm up over this fraction of their length, from where the
+    previous cycle ended."""
+    cycle_power: float = 2.0
+    """Cycles decay as poly with this power over twice their length (ending at peak/4)."""
+    collapse_weight_decay: float = 4.0
+    """Collapse weight decay as a multiple of optim.weight_decay (run B: 2e-4 / 5e-5)."""
+    collapse_augment: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     global_batch: int = 1024
     micro_batch: int | None = None
@@ -147,6 +203,9 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """A phased schedule (main, cycles, collapse); empty = the single `schedule`."""
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 # --- building from dicts, with type checks ------------------------------------------
@@ -275,6 +334,22 @@ def validate(cfg: Config) -> None:
     need(o.momentum >= 0 and o.weight_decay >= 0, "optim.momentum and optim.weight_decay must be >= 0")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
     need(o.lars_trust > 0, "optim.lars_trust must be positive")
+    need(not (cfg.phases and cfg.ensemble.cycles), "phases and ensemble.cycles both define the schedule; "
+         "keep one of them")
+    if cfg.phases:
+        total = sum(p.epochs for p in cfg.phases)
+        need(t.steps is None, "train.steps cannot be combined with phases: the phases give the length in epochs")
+        need(abs(total - t.epochs) < 1e-6, f"phases last {total:g} epochs but train.epochs is {t.epochs:g}; "
+             f"make them agree")
+    for i, p in enumerate(cfg.phases):
+        need(p.epochs > 0, f"phases[{i}].epochs must be positive")
+        need(0 <= p.warmup_epochs <= p.epochs, f"phases[{i}].warmup_epochs must be within the phase")
+        need(p.peak >= 0 and p.warmup_start >= 0, f"phases[{i}]: peak and warmup_start must be >= 0")
+    e = cfg.ensemble
+    need(e.cycles >= 0, "ensemble.cycles must be >= 0")
+    need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,
+         "ensemble.main_fraction and collapse_fraction must leave room for the cycles (sum < 1)")
+    need(d.eval_samples >= 0, "data.eval_samples must be >= 0")
     need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
     need(not m.sync_bn or m.bn_group_size == 0,
          "model.sync_bn normalises over all processes' micro-batches; set model.bn_group_size=0 with it")

@@ -8,25 +8,37 @@ from .data import make_loader
 from .data.sampler import eval_batches
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """Correct top-1 and top-5 predictions in a batch of scores (logits or probabilities)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    hit = top == labels[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(1).sum())
+
+
+def eval_loader(dataset, batch: int, device: torch.device, workers: int = 0):
+    """This process's contiguous shard of the evaluation set, in order."""
+    info = dist.info()
+    return make_loader(dataset, eval_batches(len(dataset), batch, info.rank, info.world_size), workers, device)
+
+
+def forward_eval(model: torch.nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
+                 channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(x.to(device, non_blocking=True, memory_format=fmt)).float()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, batch: int, device: torch.device, workers: int = 0,
              bf16: bool = False, channels_last: bool = False) -> dict:
-    info = dist.info()
     was_training = model.training
     model.eval()
-    specs = eval_batches(len(dataset), batch, info.rank, info.world_size)
     sums = torch.zeros(4, dtype=torch.float64)  # correct top-1, correct top-5, loss, count
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in make_loader(dataset, specs, workers, device):
-        x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        sums += torch.tensor([hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                              torch.nn.functional.cross_entropy(logits, y, reduction="sum").item(),
+    for x, y in eval_loader(dataset, batch, device, workers):
+        y = y.to(device, non_blocking=True)
+        logits = forward_eval(model, x, device, bf16, channels_last)
+        top1, top5 = topk_hits(logits, y)
+        sums += torch.tensor([top1, top5, torch.nn.functional.cross_entropy(logits, y, reduction="sum").item(),
                               len(y)], dtype=torch.float64)
     dist.all_reduce_sum(sums)
     model.train(was_training)

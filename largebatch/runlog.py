@@ -52,6 +52,11 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.path)
 
+    def read(self) -> list[dict]:
+        if self.path is None or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
     def write(self, **record) -> None:
         if self.path is None:
             return
@@ -72,5 +77,7 @@ def summary_table(summary: dict) -> str:
             ("processes x accum x micro", f"{summary['processes']} x {summary['accum_steps']} x {summary['micro_batch']}"),
             ("train images/s", f"{summary['images_per_sec']:.1f}"),
             ("wall time", f"{summary['wall_seconds']:.1f} s")]
+    if "ensemble_top1" in summary:
+        rows.insert(2, (f"ensemble of {len(summary['snapshots'])} top-1", f"{summary['ensemble_top1'] * 100:.2f} %"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist, grad_sync
+from . import checkpoint, dist, ensemble, grad_sync
 from .config import Config, dump_yaml, to_dict
 from .data import build_dataset, data_channels, default_workers, make_loader
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
@@ -68,8 +68,7 @@ def setup(cfg: Config, out: Path) -> Run:
     val_set = build_dataset(cfg.data, "val", cfg.train.seed)
     sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
     spe = sampler.steps_per_epoch
-    total = cfg.train.steps or max(1, int(round(cfg.train.epochs * spe)))
-    phases = build_phases(cfg, spe, total)
+    phases = build_phases(cfg, spe)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, train_set.channels, train_set.num_classes).to(device)
     if cfg.train.channels_last:
@@ -77,7 +76,7 @@ def setup(cfg: Config, out: Path) -> Run:
     optimizer = build_optimizer(model, cfg.optim)
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
                optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
-               phases=phases, total_steps=total,
+               phases=phases, total_steps=phases[-1].end,
                workers=default_workers(cfg.data, info.local_world_size))
 
 
@@ -101,12 +100,31 @@ def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
     return total
 
 
+def state_dict(run: Run, step: int, extra: dict) -> dict:
+    return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
+            "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg), **extra}
+
+
 def save_checkpoint(run: Run, step: int, extra: dict) -> None:
     if run.info.is_main:
-        state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
-                 "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg), **extra}
-        checkpoint.save(state, run.out / "checkpoints", step, run.cfg.train.keep_checkpoints)
+        checkpoint.save(state_dict(run, step, extra), run.out / "checkpoints", step, run.cfg.train.keep_checkpoints)
     dist.barrier()
+
+
+def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dict) -> dict:
+    """Save the phase's end point as snapshot NN, then evaluate it alone and with the
+    earlier snapshots. After a resume the earlier ones are re-read from their files."""
+    if run.info.is_main:
+        meta = {"name": phase.name, "snapshot": phase.snapshot, "start": phase.start, "end": phase.end}
+        checkpoint.atomic_save(state_dict(run, phase.end, {**extra, "phase": meta}),
+                               ensemble.snapshot_path(run.out, phase.snapshot))
+    dist.barrier()
+    if members.members < phase.snapshot - 1:
+        scratch = build_model(run.cfg.model, run.train_set.channels, run.train_set.num_classes).to(run.device)
+        for index in range(members.members + 1, phase.snapshot):
+            scratch.load_state_dict(checkpoint.load(ensemble.snapshot_path(run.out, index))["model"])
+            members.add(scratch)
+    return members.add(run.model)
 
 
 def train(cfg: Config, out: Path, resume: bool = False) -> dict:
@@ -133,8 +151,11 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
     log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
     log.truncate_after(start)  # lines past the checkpoint will be written again
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps),
+    augment_at = lambda step: phase_at(step, run.phases).augment
+    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps, augment_at),
                                run.workers, run.device))
+    members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers, t.bf16,
+                                       t.channels_last)
     eval_every = max(1, int(round(t.eval_every_epochs * spe))) if t.eval_every_epochs > 0 else 0
     evaluate_now = lambda: evaluate(run.model, run.val_set, t.eval_batch, run.device, run.workers,
                                     t.bf16, t.channels_last)
@@ -148,6 +169,8 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
 
     for step in range(start, run.total_steps):
         phase = phase_at(step, run.phases)
+        if step == phase.start and phase.reset_momentum:
+            run.optimizer.state.clear()  # a cycle restarts from the weights alone
         lr = phase_lr(step - phase.start, phase)
         apply_schedule(run.optimizer, lr, phase.weight_decay)
         loss_sum += train_step(run, batches, loss_fn)
@@ -164,15 +187,22 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}")
             window_t0, window_steps, loss_sum, comm_sum = now, 0, zero(), [0.0, 0.0]
         bar.update(1)
-        is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps
+        is_snapshot = phase.snapshot and done == phase.end
+        is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps or is_snapshot
         is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
         pause_t0 = time.perf_counter()
         if is_eval:
-            result = evaluate_now()
+            if is_snapshot:
+                result = take_snapshot(run, phase, members, {"wall_seconds": wall_before + time.perf_counter() - t0})
+                result.update(snapshot=phase.snapshot, phase=phase.name)
+            else:
+                result = evaluate_now()
             log.write(step=done, epoch=done / spe, lr=lr, eval=True, **result)
             if info.is_main:
+                ens = (f"; snapshot {phase.snapshot} ({phase.name}), ensemble of {result['ensemble_members']}: "
+                       f"top-1 {result['ensemble_top1']:.4f}" if is_snapshot else "")
                 bar.write(f"step {done} epoch {done / spe:.2f}: top-1 {result['top1']:.4f} "
-                          f"top-5 {result['top5']:.4f}")
+                          f"top-5 {result['top5']:.4f}{ens}")
         signum = stop.agreed(run.device)
         if is_ckpt or signum:
             save_checkpoint(run, done, {"wall_seconds": wall_before + time.perf_counter() - t0})
@@ -200,6 +230,11 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
                "micro_batch": run.layout.micro_batch,
                "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - paused, 1e-9),
                "wall_seconds": wall, "skipped_files": list(getattr(run.train_set, "skipped", []))}
+    snapshots = [line for line in log.read() if "snapshot" in line]
+    if snapshots:
+        summary["snapshots"] = [{k: line[k] for k in ("snapshot", "phase", "step", "top1", "top5", "ensemble_top1",
+                                                     "ensemble_top5")} for line in snapshots]
+        summary["ensemble_top1"], summary["ensemble_top5"] = snapshots[-1]["ensemble_top1"], snapshots[-1]["ensemble_top5"]
     if info.is_main:
         write_json(out / "summary.json", summary)
         print(f"\nlargebatch: {out}\n{summary_table(summary)}", flush=True)

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from largebatch.config import ConfigError, build_config
+from largebatch.config import ConfigError, build_config, to_dict
 from largebatch.optim.schedule import Phase, build_phases, lr_at, peak_lr
 
 
@@ -53,7 +53,7 @@ def test_epochs_are_converted_to_steps_once():
     cfg = build_config({"train": {"global_batch": 256, "epochs": 10},
                         "schedule": {"warmup_epochs": 2, "decay": "step", "milestones": [5, 8],
                                      "horizon_epochs": 6}})
-    (p,) = build_phases(cfg, steps_per_epoch=50, total_steps=500)
+    (p,) = build_phases(cfg, steps_per_epoch=50)
     assert (p.warmup_steps, p.milestones, p.horizon) == (100, (250, 400), 300)
 
 
@@ -62,7 +62,8 @@ def test_sc18_run_a_schedule():
     from largebatch.recipes import load_recipe
     cfg = build_config(load_recipe("sc18-run-a"))
     spe = 1281167 // 14336  # 89 steps per epoch
-    phases = build_phases(cfg, spe, 90 * spe)
+    phases = build_phases(cfg, spe)
+    assert phases[-1].end == 90 * spe
     assert lr_at(0, phases) == pytest.approx(0.1)
     assert lr_at(5 * spe - 1, phases) == pytest.approx(0.1 + 4.7 * (5 * spe - 1) / (5 * spe))
     assert lr_at(45 * spe, phases) == pytest.approx(2.4)
@@ -70,6 +71,61 @@ def test_sc18_run_a_schedule():
 
 
 def test_warmup_longer_than_run_is_rejected():
-    cfg = build_config({"train": {"epochs": 10}, "schedule": {"warmup_epochs": 2}})
-    with pytest.raises(ConfigError, match="warmup_epochs"):
-        build_phases(cfg, steps_per_epoch=50, total_steps=60)
+    cfg = build_config({"train": {"steps": 60}, "schedule": {"warmup_epochs": 2}})
+    with pytest.raises(ConfigError, match="schedule.warmup_epochs"):
+        build_phases(cfg, steps_per_epoch=50)
+
+
+def test_sc18_run_b_matches_the_table_in_paper_md():
+    from largebatch.recipes import load_recipe
+    cfg = build_config(load_recipe("sc18-run-b"))
+    spe = 1281167 // 4096  # 312 steps per epoch
+    phases = build_phases(cfg, spe)
+    assert [p.name for p in phases] == ["main", "cycle1", "cycle2", "cycle3", "collapse"]
+    assert [p.start / spe for p in phases] == [0, 25, 37, 52, 67] and phases[-1].end == 72 * spe
+    assert [p.snapshot for p in phases] == [0, 1, 2, 3, 4]
+    ep = lambda e: int(e * spe)
+    lr = lambda step: lr_at(step, phases)
+    assert lr(0) == pytest.approx(0.1) and lr(ep(5)) == pytest.approx(1.6 * (1 - 5 / 60))
+    assert lr(ep(25) - 1) == pytest.approx(0.933, abs=2e-3)           # main cut at ~0.93
+    assert lr(ep(25)) == pytest.approx(1.02)                          # cycle 1 peak
+    assert lr(ep(37) - 1) == pytest.approx(0.255, abs=1e-3)           # cycle 1 end
+    assert lr(ep(37)) == pytest.approx(0.255)                         # cycle 2 re-warmup start
+    assert lr(ep(40)) == pytest.approx(0.764 * (1 - 3 / 30) ** 2)     # after the 3-epoch re-warmup
+    assert lr(ep(52) - 1) == pytest.approx(0.191, abs=1e-3)
+    assert lr(ep(52)) == pytest.approx(0.19)
+    assert lr(ep(67) - 1) == pytest.approx(0.143, abs=1e-3)
+    assert lr(ep(67)) == pytest.approx(0.143)                         # collapse
+    assert lr(ep(72) - 1) == pytest.approx(0.143 / (5 * spe) ** 2)    # poly 2 to zero
+    assert [p.weight_decay for p in phases] == [5e-5] * 4 + [2e-4]
+    assert [p.augment for p in phases] == [True] * 4 + [False]
+    assert [p.reset_momentum for p in phases] == [False] + [True] * 4
+
+
+def test_ensemble_generator_splits_the_budget_into_main_cycles_and_collapse():
+    cfg = build_config({"train": {"global_batch": 1024, "epochs": 12}, "optim": {"weight_decay": 5e-4},
+                        "schedule": {"base_lr": 0.2, "decay": "cosine", "warmup_epochs": 2, "warmup_start_lr": 0.1},
+                        "ensemble": {"cycles": 3}})
+    spe = 58
+    phases = build_phases(cfg, spe)
+    plain = build_phases(build_config({**to_dict(cfg), "ensemble": {"cycles": 0}}), spe)
+    assert [p.name for p in phases] == ["main", "cycle1", "cycle2", "cycle3", "collapse"]
+    assert [p.snapshot for p in phases] == [0, 1, 2, 3, 4]
+    assert phases[-1].end == plain[-1].end == 12 * spe                # the same budget as one ordinary run
+    assert [p.steps for p in phases] == [348, 93, 93, 92, 70]         # 6 + 3 x 1.6 + 1.2 epochs
+    # the main phase is the ordinary run's schedule, cut at epoch 6
+    assert all(lr_at(s, phases) == lr_at(s, plain) for s in range(348))
+    cut = lr_at(348, plain)
+    assert lr_at(348, phases) == pytest.approx(1.1 * cut)             # cycle 1 peak
+    c2, c3 = phases[2], phases[3]
+    assert lr_at(c2.start, phases) == pytest.approx(lr_at(c2.start - 1, phases), rel=0.05)  # re-warmup from the end
+    assert c2.peak == pytest.approx(0.75 * phases[1].peak) and c3.peak == pytest.approx(0.75 * c2.peak)
+    assert lr_at(phases[-1].end - 1, phases) < 1e-3 and phases[-1].weight_decay == pytest.approx(2e-3)
+    assert phases[-1].augment is False and all(p.reset_momentum for p in phases[1:])
+
+
+def test_phases_must_add_up_to_the_epochs():
+    with pytest.raises(ConfigError, match="phases last 3 epochs but train.epochs is 10"):
+        build_config({"train": {"epochs": 10}, "phases": [{"epochs": 1}, {"epochs": 2}]})
+    with pytest.raises(ConfigError, match=r"unknown key phases\[0\].peek"):
+        build_config({"train": {"epochs": 1}, "phases": [{"epochs": 1, "peek": 2}]})

@@ -20,14 +20,35 @@ def data_channels(cfg: DataConfig) -> int:
     return {"fmnist": 1, "folder": 3, "synthetic": cfg.synthetic_channels}[cfg.name]
 
 
+class Head:
+    """The first n samples of a dataset (data.eval_samples: quick validation)."""
+
+    def __init__(self, dataset, n: int):
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, spec: BatchSpec):
+        return self.dataset[spec]
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+
 def build_dataset(cfg: DataConfig, split: str, seed: int):
     """split: 'train' or 'val'."""
+    ds = _build(cfg, split, seed)
+    return Head(ds, cfg.eval_samples) if split == "val" and cfg.eval_samples else ds
+
+
+def _build(cfg: DataConfig, split: str, seed: int):
     train = split == "train"
     if cfg.name == "fmnist":
         root = fmnist.resolve_dir(cfg.path)
         if cfg.download:
             fmnist.download(root)
-        return fmnist.FashionMNIST(root, "train" if train else "test", seed, train and cfg.augment)
+        return fmnist.FashionMNIST(root, "train" if train else "test", seed, train)
     if cfg.name == "folder":
         if not cfg.path:
             raise ConfigError("data.path: folder data needs --data ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/...)")

@@ -75,6 +75,7 @@ class FashionMNIST:
             raise ConfigError(f"data.path: {root}: {len(images)} {split} images but {len(labels)} labels")
         self.images = torch.from_numpy(images.copy())
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        # the training split may augment; per step, BatchSpec.augment decides
         self.seed, self.augment = seed, augment
         self.skipped: list[str] = []
 
@@ -84,7 +85,7 @@ class FashionMNIST:
     def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(spec.indices, dtype=torch.long)
         x = self.images[idx]
-        if self.augment:
+        if self.augment and spec.augment:
             x = self._pad_crop_flip(x, spec)
         x = (x.float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
         return x, self.labels[idx]

@@ -74,7 +74,7 @@ class ImageFolder:
         self.class_names = self.classes
         self.num_classes = len(self.classes)
         self.cfg, self.seed, self.train = cfg, seed, train
-        self.augment = train and cfg.augment
+        self.augment = train  # per step, BatchSpec.augment decides (data.augment, or the phase)
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ class ImageFolder:
 
     def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
         u = (sample_uniforms(self.seed, spec.epoch, spec.indices, 4 * CROP_ATTEMPTS + 1)
-             if self.augment else [None] * len(spec.indices))
+             if self.augment and spec.augment else [None] * len(spec.indices))
         arrays, labels = [], []
         for i, k in enumerate(spec.indices):
             path, label = self.samples[k]

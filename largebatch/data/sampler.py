@@ -9,7 +9,7 @@ and resuming at step s needs nothing but s.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,9 +43,11 @@ def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size
 
 @dataclass(frozen=True, slots=True)
 class BatchSpec:
-    """What to load: dataset indices plus the epoch (for per-sample augmentation)."""
+    """What to load: dataset indices, the epoch (for per-sample augmentation) and whether
+    to augment (a phase of the schedule may turn augmentation off)."""
     indices: tuple[int, ...]
     epoch: int
+    augment: bool = False
 
 
 def derive_seed(*keys: int) -> int:
@@ -70,7 +72,9 @@ class GlobalBatchSampler:
             raise ConfigError(f"train.global_batch ({layout.global_batch}) is larger than the "
                               f"training set ({num_samples} samples)")
 
-    def micro_batches(self, start: int, stop: int) -> Iterator[BatchSpec]:
+    def micro_batches(self, start: int, stop: int,
+                      augment: Callable[[int], bool] = lambda step: True) -> Iterator[BatchSpec]:
+        """`augment(step)` says whether the samples of that step are augmented."""
         lay = self.layout
         epoch, perm = -1, None
         for step in range(start, stop):
@@ -80,7 +84,7 @@ class GlobalBatchSampler:
             base = s * lay.global_batch
             for a in range(lay.accum_steps):
                 lo = base + (a * lay.world_size + lay.rank) * lay.micro_batch
-                yield BatchSpec(tuple(perm[lo:lo + lay.micro_batch].tolist()), e)
+                yield BatchSpec(tuple(perm[lo:lo + lay.micro_batch].tolist()), e, augment(step))
 
 
 def eval_batches(num_samples: int, batch: int, rank: int, world_size: int) -> list[BatchSpec]:

@@ -6,10 +6,11 @@ checkpoint needs to store the step and nothing else.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, EnsembleConfig, PhaseConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,14 @@ class Phase:
     milestones: tuple[int, ...]  # step decay points, in steps from the phase start
     gamma: float
     weight_decay: float
+    name: str = "main"
+    augment: bool = True
+    reset_momentum: bool = False
+    snapshot: int = 0     # snapshot number taken at the phase end; 0 = none
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
 
 
 def phase_lr(t: int, p: Phase) -> float:
@@ -68,19 +77,82 @@ def peak_lr(cfg: Config) -> float:
     return s.base_lr * cfg.train.global_batch / s.reference_batch
 
 
-def build_phases(cfg: Config, steps_per_epoch: int, total_steps: int) -> list[Phase]:
-    s = cfg.schedule
+def phase_configs(cfg: Config, total_epochs: float) -> list[PhaseConfig]:
+    """The run's phases in epochs: the recipe's `phases`, else its `schedule` as one
+    main phase, split into a Collapsed Ensemble when ensemble.cycles > 0."""
+    if cfg.phases:
+        return list(cfg.phases)
+    s, peak = cfg.schedule, peak_lr(cfg)
+    rel = (lambda lr: lr / peak) if peak > 0 else (lambda lr: 0.0)
+    main = PhaseConfig(name="main", epochs=total_epochs, peak=1.0, warmup_epochs=s.warmup_epochs,
+                       warmup_start=rel(s.warmup_start_lr), decay=s.decay, poly_power=s.poly_power,
+                       horizon_epochs=s.horizon_epochs, final=rel(s.final_lr), milestones=list(s.milestones),
+                       gamma=s.gamma, snapshot=False)
+    if cfg.ensemble.cycles:
+        return collapsed_ensemble(main, cfg.ensemble, total_epochs, cfg.optim.weight_decay)
+    return [main]
 
-    def steps(epochs: float) -> int:
-        return int(round(epochs * steps_per_epoch))
 
-    warmup = steps(s.warmup_epochs)
-    if warmup > total_steps:
-        raise ConfigError(f"schedule.warmup_epochs ({s.warmup_epochs} epochs = {warmup} steps) is "
-                          f"longer than training ({total_steps} steps)")
-    horizon = steps(s.horizon_epochs) if s.horizon_epochs is not None else total_steps
-    return [Phase(start=0, steps=total_steps, peak=peak_lr(cfg), warmup_steps=warmup,
-                  warmup_start=s.warmup_start_lr, decay=s.decay, power=s.poly_power,
-                  horizon=max(horizon, 1), final=s.final_lr,
-                  milestones=tuple(steps(m) for m in s.milestones), gamma=s.gamma,
-                  weight_decay=cfg.optim.weight_decay)]
+def collapsed_ensemble(main: PhaseConfig, e: EnsembleConfig, total_epochs: float,
+                       weight_decay: float) -> list[PhaseConfig]:
+    """Split a budget into the recipe's schedule cut short, e.cycles LR cycles and a
+    collapse, in the pattern of the SC18 authors' run B: the first cycle starts a little
+    above the LR where the main phase was cut, each next peak is peak_decay times the
+    previous and re-warms up from where the previous cycle ended, cycles decay as poly
+    power 2 over twice their length, and the collapse decays from the last cycle's end
+    to zero with more weight decay and no augmentation. LRs are multiples of the peak."""
+    main_epochs = e.main_fraction * total_epochs
+    collapse = e.collapse_fraction * total_epochs
+    length = (total_epochs - main_epochs - collapse) / e.cycles
+    main = dataclasses.replace(main, epochs=main_epochs, horizon_epochs=main.horizon_epochs or total_epochs)
+    end = phase_lr(main_epochs, _phase(main, 0, 1.0, weight_decay, lambda ep: ep))
+    phases, peak = [main], e.first_peak * end
+    for k in range(e.cycles):
+        cycle = PhaseConfig(name=f"cycle{k + 1}", epochs=length, peak=peak,
+                            warmup_epochs=e.rewarmup_fraction * length if k else 0.0, warmup_start=end,
+                            decay="poly", poly_power=e.cycle_power, horizon_epochs=2 * length,
+                            reset_momentum=True)
+        phases.append(cycle)
+        end = phase_lr(length, _phase(cycle, 0, 1.0, weight_decay, lambda ep: ep))
+        peak *= e.peak_decay
+    if collapse > 0:
+        phases.append(PhaseConfig(name="collapse", epochs=collapse, peak=end, decay="poly",
+                                  poly_power=e.cycle_power, weight_decay=e.collapse_weight_decay * weight_decay,
+                                  augment=e.collapse_augment, reset_momentum=True))
+    return phases
+
+
+def _phase(pc: PhaseConfig, start: int, peak: float, weight_decay: float, steps, length: int | None = None,
+           augment: bool = True, snapshot: int = 0) -> Phase:
+    length = steps(pc.epochs) if length is None else length
+    horizon = steps(pc.horizon_epochs) if pc.horizon_epochs is not None else length
+    return Phase(start=start, steps=length, peak=pc.peak * peak, warmup_steps=steps(pc.warmup_epochs),
+                 warmup_start=pc.warmup_start * peak, decay=pc.decay, power=pc.poly_power,
+                 horizon=max(horizon, 1), final=pc.final * peak,
+                 milestones=tuple(steps(m) for m in pc.milestones), gamma=pc.gamma,
+                 weight_decay=weight_decay if pc.weight_decay is None else pc.weight_decay,
+                 name=pc.name, augment=augment if pc.augment is None else pc.augment,
+                 reset_momentum=pc.reset_momentum, snapshot=snapshot)
+
+
+def build_phases(cfg: Config, steps_per_epoch: int) -> list[Phase]:
+    """Phases in steps. Boundaries are rounded from cumulative epochs, so rounding never
+    drifts; the run lasts until the last phase ends."""
+    t = cfg.train
+    total_epochs = t.steps / steps_per_epoch if t.steps is not None else t.epochs
+    configs = phase_configs(cfg, total_epochs)
+    phases, elapsed, snapshots = [], 0.0, 0
+    for i, pc in enumerate(configs):
+        start = int(round(elapsed * steps_per_epoch))
+        elapsed += pc.epochs
+        stop = max(int(round(elapsed * steps_per_epoch)), start + 1)
+        snapshots += pc.snapshot
+        phase = _phase(pc, start, peak_lr(cfg), cfg.optim.weight_decay,
+                       lambda ep: int(round(ep * steps_per_epoch)), stop - start, cfg.data.augment,
+                       snapshots if pc.snapshot else 0)
+        if phase.warmup_steps > phase.steps:
+            key = f"phases[{i}].warmup_epochs" if cfg.phases else "schedule.warmup_epochs"
+            raise ConfigError(f"{key} ({pc.warmup_epochs} epochs = {phase.warmup_steps} steps) is longer "
+                              f"than its phase ({phase.steps} steps)")
+        phases.append(phase)
+    return phases
