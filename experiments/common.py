@@ -1,0 +1,66 @@
+"""Helpers shared by the experiment scripts: run the public CLI, skip finished runs,
+read results back, and format mean ± spread."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def largebatch(*args, threads: int = 2, nproc: int = 1, log: Path | None = None) -> None:
+    """Run `largebatch ARGS`; under torchrun when nproc > 1. Output goes to `log`."""
+    cmd = [sys.executable, "-m"]
+    if nproc > 1:
+        cmd += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
+    cmd += ["largebatch", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(log or os.devnull, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}" + (f"\nsee {log}" if log else ""))
+
+
+def train(out: Path, args: list[str], **kw) -> dict:
+    """Train into `out` unless it already holds a finished run; return its summary.
+    An unfinished run (killed study) is resumed from its checkpoints."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        t0 = time.time()
+        print(f"  train {out.name}: {' '.join(args)}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        largebatch("train", *args, "--out", out, "--resume", log=out.parent / f"{out.name}.log", **kw)
+        print(f"    done in {time.time() - t0:.0f} s", flush=True)
+    return json.loads(summary.read_text())
+
+
+def command(args: list[str], out: Path) -> str:
+    return "largebatch train " + " ".join(args) + f" --out {out}"
+
+
+def mean_spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± half-range' (the spread of 2-3 seeds is their range, not a std)."""
+    values = [v * scale for v in values]
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+
+
+def hardware() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}")
