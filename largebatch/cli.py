@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError
+from .data.folder import UnreadableImage
 
 
 def _train_overrides(args) -> list[str]:
-    flags = [("data.path", args.data), ("train.epochs", args.epochs), ("train.steps", args.steps),
+    flags = [("data.path", args.data), ("data.stage_to", args.stage_to), ("data.strict", args.strict or None),
+             ("train.epochs", args.epochs), ("train.steps", args.steps),
              ("train.global_batch", args.global_batch), ("train.micro_batch", args.micro_batch),
              ("model.name", args.model)]
     return [f"{k}={json.dumps(v)}" for k, v in flags if v is not None] + list(args.set or [])
@@ -88,6 +90,18 @@ def cmd_ensemble(args) -> None:
     dist.shutdown()
 
 
+def cmd_pack(args) -> None:
+    from .data.shards import pack, parse_size
+    report = pack(Path(args.src), Path(args.dst), parse_size(args.shard_size), args.resize_shorter,
+                  args.workers, args.strict)
+    for split, r in report.items():
+        print(f"{split}: {r['samples']} samples in {r['shards']} shards ({r['seconds']} s); "
+              f"{len(r['skipped'])} unreadable files skipped")
+        for line in r["skipped"][:20]:
+            print(f"  skipped {line}")
+    print(f"train with: largebatch train --set data.name=shards --data {args.dst} ...")
+
+
 def cmd_recipes(args) -> None:
     from .recipes import describe, recipe_names
     names = recipe_names()
@@ -127,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--global-batch", type=int)
     t.add_argument("--micro-batch", type=int, help="per-process batch per forward pass")
     t.add_argument("--model")
+    t.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image (default: skip it, count it, report it)")
+    t.add_argument("--stage-to", metavar="DIR", help="shards: copy them to this node-local directory first")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoints/last.pt (starts fresh when there is none)")
@@ -160,6 +177,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the `largebatch train` arguments")
     s.set_defaults(func=cmd_slurm)
 
+    pk = sub.add_parser("pack", help="pack an image tree (SRC/train, SRC/val) into tar shards")
+    pk.add_argument("src")
+    pk.add_argument("dst")
+    pk.add_argument("--shard-size", default="1GB", help="shard size, e.g. 1GB, 256MB")
+    pk.add_argument("--resize-shorter", type=int, default=0,
+                    help="re-encode every image with its shorter side at most this (0 = keep the files)")
+    pk.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    pk.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    pk.set_defaults(func=cmd_pack)
+
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)
     return p
@@ -169,6 +196,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, UnreadableImage) as e:
         print(f"largebatch: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -44,9 +44,14 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    name: Literal["fmnist", "folder", "synthetic"] = "fmnist"
+    name: Literal["fmnist", "folder", "shards", "synthetic"] = "fmnist"
     path: str | None = None
-    """Dataset directory; None = the dataset's default (see docs/usage.md)."""
+    """Dataset directory; None = the dataset's default (see docs/usage.md). For shards,
+    the output of `largebatch pack`."""
+    stage_to: str | None = None
+    """Shards only: copy them to this node-local directory first (once per node)."""
+    strict: bool = False
+    """Stop at the first unreadable image, naming it, instead of skipping and reporting it."""
     download: bool = False
     """Fashion-MNIST only: fetch the IDX files when missing (needs internet)."""
     augment: bool = True
@@ -177,8 +182,6 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """0 = at each eval and at the end only."""
     keep_checkpoints: int = 2
-    strict_data: bool = False
-    """Fail on an unreadable sample instead of skipping it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -350,6 +353,7 @@ def validate(cfg: Config) -> None:
     need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,
          "ensemble.main_fraction and collapse_fraction must leave room for the cycles (sum < 1)")
     need(d.eval_samples >= 0, "data.eval_samples must be >= 0")
+    need(not d.stage_to or d.name == "shards", "data.stage_to copies packed shards; it needs data.name=shards")
     need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
     need(not m.sync_bn or m.bn_group_size == 0,
          "model.sync_bn normalises over all processes' micro-batches; set model.bn_group_size=0 with it")

@@ -123,6 +123,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_union(items: set) -> list:
+    """The sorted union of every process's set (small sets: names of skipped files)."""
+    if not active():
+        return sorted(items)
+    gathered = [None] * td.get_world_size()
+    td.all_gather_object(gathered, sorted(items))
+    return sorted(set().union(*gathered))
+
+
 def barrier() -> None:
     if active():
         td.barrier()

@@ -40,7 +40,7 @@ class RunningEnsemble:
         was_training = model.training
         model.eval()
         counts = torch.zeros(5, dtype=torch.float64)  # member top1, top5, ensemble top1, top5, samples
-        for i, (x, y) in enumerate(eval_loader(self.dataset, self.batch, self.device, self.workers)):
+        for i, (x, y, _) in enumerate(eval_loader(self.dataset, self.batch, self.device, self.workers)):
             y = y.to(self.device, non_blocking=True)
             probs = forward_eval(model, x, self.device, self.bf16, self.channels_last).softmax(dim=1)
             if self.members == 0:

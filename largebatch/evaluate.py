@@ -34,7 +34,7 @@ def evaluate(model: torch.nn.Module, dataset, batch: int, device: torch.device, 
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # correct top-1, correct top-5, loss, count
-    for x, y in eval_loader(dataset, batch, device, workers):
+    for x, y, _ in eval_loader(dataset, batch, device, workers):
         y = y.to(device, non_blocking=True)
         logits = forward_eval(model, x, device, bf16, channels_last)
         top1, top5 = topk_hits(logits, y)

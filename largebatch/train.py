@@ -1,9 +1,10 @@
 """The training loop: set up, resume, then step / log / evaluate / checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from . import checkpoint, dist, ensemble, grad_sync
 from .config import Config, dump_yaml, to_dict
-from .data import build_dataset, data_channels, default_workers, make_loader
+from .data import build_dataset, data_channels, default_workers, make_loader, shards
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
 from .evaluate import evaluate
 from .preempt import StopRequest
@@ -54,6 +55,7 @@ class Run:
     total_steps: int
     workers: int
     sync: grad_sync.Bucketed | grad_sync.Exact | None = None  # set once the weights are loaded
+    skipped: set = field(default_factory=set)  # unreadable training files met by this process
 
 
 def setup(cfg: Config, out: Path) -> Run:
@@ -64,8 +66,14 @@ def setup(cfg: Config, out: Path) -> Run:
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
     model_channels(cfg.model, data_channels(cfg.data))
-    train_set = build_dataset(cfg.data, "train", cfg.train.seed)
-    val_set = build_dataset(cfg.data, "val", cfg.train.seed)
+    data = cfg.data
+    if data.stage_to:  # one copy per node, by its first process
+        if info.local_rank == 0:
+            shards.stage(data.path, data.stage_to)
+        dist.barrier()
+        data = dataclasses.replace(data, path=data.stage_to)
+    train_set = build_dataset(data, "train", cfg.train.seed)
+    val_set = build_dataset(data, "val", cfg.train.seed)
     sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
     spe = sampler.steps_per_epoch
     phases = build_phases(cfg, spe)
@@ -86,7 +94,8 @@ def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for a in range(lay.accum_steps):
-        x, y = next(batches)
+        x, y, skipped = next(batches)
+        run.skipped.update(skipped)
         x = x.to(run.device, non_blocking=True, memory_format=fmt)
         y = y.to(run.device, non_blocking=True)
         with run.sync.micro_step(a), \
@@ -106,6 +115,8 @@ def state_dict(run: Run, step: int, extra: dict) -> dict:
 
 
 def save_checkpoint(run: Run, step: int, extra: dict) -> None:
+    # the skipped files seen so far travel with the checkpoint, so a resumed run reports them all
+    extra = {**extra, "skipped_files": dist.gather_union(run.skipped)}
     if run.info.is_main:
         checkpoint.save(state_dict(run, step, extra), run.out / "checkpoints", step, run.cfg.train.keep_checkpoints)
     dist.barrier()
@@ -138,6 +149,7 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
+        run.skipped.update(state.get("skipped_files", []))
     run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
     stop = StopRequest()
     if info.is_main:
@@ -229,7 +241,7 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
                "processes": info.world_size, "accum_steps": run.layout.accum_steps,
                "micro_batch": run.layout.micro_batch,
                "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - paused, 1e-9),
-               "wall_seconds": wall, "skipped_files": list(getattr(run.train_set, "skipped", []))}
+               "wall_seconds": wall, "skipped_files": dist.gather_union(run.skipped)}
     snapshots = [line for line in log.read() if "snapshot" in line]
     if snapshots:
         summary["snapshots"] = [{k: line[k] for k in ("snapshot", "phase", "step", "top1", "top5", "ensemble_top1",
@@ -238,5 +250,9 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
     if info.is_main:
         write_json(out / "summary.json", summary)
         print(f"\nlargebatch: {out}\n{summary_table(summary)}", flush=True)
+        if summary["skipped_files"]:
+            print(f"largebatch: {len(summary['skipped_files'])} unreadable training files were skipped "
+                  f"(each replaced by the next readable sample; listed in summary.json):\n  " +
+                  "\n  ".join(summary["skipped_files"][:20]), flush=True)
     dist.barrier()
     return summary

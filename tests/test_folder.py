@@ -33,14 +33,14 @@ def test_scan_labels_follow_sorted_class_folders(tree):
 def test_train_and_eval_transforms(tree):
     cfg = folder_cfg(tree, image_size=64, eval_resize=72, eval_crop=64)
     train = build_dataset(cfg, "train", seed=1)
-    x, y = train[BatchSpec(tuple(range(8)), epoch=0, augment=True)]
+    x, y, _ = train[BatchSpec(tuple(range(8)), epoch=0, augment=True)]
     assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32
     assert y.tolist() == [label for _, label in train.samples[:8]]
-    again, _ = train[BatchSpec((3,), epoch=0, augment=True)]
+    again, _, _ = train[BatchSpec((3,), epoch=0, augment=True)]
     torch.testing.assert_close(again[0], x[3])               # a pure function of (seed, epoch, index)
     assert not torch.equal(train[BatchSpec((3,), epoch=1, augment=True)][0][0], x[3])
     val = build_dataset(cfg, "val", seed=1)
-    xv, _ = val[BatchSpec((0, 1), epoch=0)]
+    xv, _, _ = val[BatchSpec((0, 1), epoch=0)]
     assert xv.shape == (2, 3, 64, 64)
     torch.testing.assert_close(val[BatchSpec((0,), epoch=5)][0][0], xv[0])   # no randomness in eval
     # grayscale, CMYK and palette files all become 3-channel images

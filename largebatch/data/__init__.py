@@ -1,5 +1,6 @@
 """Datasets and loaders. A dataset maps a BatchSpec (indices + epoch) to a whole batch
-(x, y); the loader feeds it BatchSpecs from the global sampler, in order."""
+(x, y, skipped): `skipped` names the unreadable files replaced in it. The loader feeds
+it BatchSpecs from the global sampler, in order."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ from typing import Iterable
 import torch
 
 from ..config import ConfigError, DataConfig
-from . import fmnist
+from . import fmnist, shards
 from .folder import ImageFolder
 from .sampler import BatchSpec
 from .synthetic import Synthetic
@@ -17,7 +18,7 @@ from .synthetic import Synthetic
 
 def data_channels(cfg: DataConfig) -> int:
     """Known before any file is read, so config errors come first."""
-    return {"fmnist": 1, "folder": 3, "synthetic": cfg.synthetic_channels}[cfg.name]
+    return {"fmnist": 1, "folder": 3, "shards": 3, "synthetic": cfg.synthetic_channels}[cfg.name]
 
 
 class Head:
@@ -59,6 +60,13 @@ def _build(cfg: DataConfig, split: str, seed: int):
                 extra = sorted(set(ds.classes) ^ set(train_classes))
                 raise ConfigError(f"data.path: train/ and val/ class folders differ ({', '.join(extra[:5])})")
         return ds
+    if cfg.name == "shards":
+        if not cfg.path:
+            raise ConfigError("data.path: shard data needs --data DIR (the output of `largebatch pack`)")
+        ds = shards.Shards(Path(cfg.path), split, cfg, seed, train)
+        if not train and (Path(cfg.path) / "train" / "index.json").exists():
+            shards.check_classes(Path(cfg.path))
+        return ds
     n = cfg.synthetic_samples if train else max(cfg.synthetic_samples // 4, 1)
     return Synthetic(n, cfg.synthetic_classes, cfg.synthetic_channels, cfg.synthetic_size,
                      seed + (0 if train else 1))
@@ -67,7 +75,7 @@ def _build(cfg: DataConfig, split: str, seed: int):
 def default_workers(cfg: DataConfig, local_world_size: int) -> int:
     if cfg.workers >= 0:
         return cfg.workers
-    if cfg.name != "folder":
+    if cfg.name not in ("folder", "shards"):
         return 0  # in-memory batches cost less than a worker's hand-off
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cores // max(local_world_size, 1) - 1))

@@ -77,18 +77,17 @@ class FashionMNIST:
         self.labels = torch.from_numpy(labels.astype(np.int64))
         # the training split may augment; per step, BatchSpec.augment decides
         self.seed, self.augment = seed, augment
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         idx = torch.tensor(spec.indices, dtype=torch.long)
         x = self.images[idx]
         if self.augment and spec.augment:
             x = self._pad_crop_flip(x, spec)
         x = (x.float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
-        return x, self.labels[idx]
+        return x, self.labels[idx], []  # in-memory arrays: nothing to skip
 
     def _pad_crop_flip(self, x: torch.Tensor, spec: BatchSpec) -> torch.Tensor:
         n, h, w = x.shape

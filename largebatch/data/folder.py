@@ -57,55 +57,106 @@ def random_resized_crop(u: np.ndarray, width: int, height: int, cfg: DataConfig)
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def open_rgb(path: str) -> Image.Image:
+class UnreadableImage(OSError):
+    """A file that is not a readable image (corrupt, truncated, empty, another format)."""
+
+
+def decode_transform(source, u: np.ndarray | None, cfg: DataConfig, train: bool) -> np.ndarray:
+    """Open `source` (a path or a file object), crop and resize it, return HxWx3 uint8.
+
+    JPEGs are decoded with libjpeg's DCT-domain downscaling (PIL's draft) to the smallest
+    size that is still at least the size the crop is resized to, so a 500x375 photo that
+    becomes a 224 crop is often decoded at a half or a quarter of its pixels.
+    Train: the random-area crop (u = the sample's uniforms; None = augmentation off: a
+    centred square) resized to image_size, flipped when the last uniform < 0.5.
+    Eval: shorter side to eval_resize, centre crop eval_crop.
+    """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with Image.open(source) as img:
+            width, height = img.size
+            if train:
+                if u is not None:
+                    box = random_resized_crop(u, width, height, cfg)
+                else:
+                    side = min(width, height)
+                    box = ((width - side) // 2, (height - side) // 2, side, side)
+                want = (width * cfg.image_size / box[2], height * cfg.image_size / box[3])
+            else:
+                scale = cfg.eval_resize / min(width, height)
+                want = (width * scale, height * scale)
+            if img.format == "JPEG":
+                img.draft(None, (math.ceil(want[0]), math.ceil(want[1])))
+            img = img.convert("RGB")  # decodes; any mode (L, CMYK, P, RGBA) becomes RGB
     except Exception as e:  # PIL raises many types for broken files
-        raise OSError(f"cannot read image {path}: {e}") from e
+        raise UnreadableImage(f"cannot read image {getattr(source, 'name', source)}: {e}") from e
+    rx, ry = img.width / width, img.height / height
+    if train:
+        left, top, w, h = box
+        img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR,
+                         box=(left * rx, top * ry, (left + w) * rx, (top + h) * ry))
+        if u is not None and u[-1] < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.asarray(img)
+    img = img.resize((max(cfg.eval_crop, round(want[0])), max(cfg.eval_crop, round(want[1]))), Image.BILINEAR)
+    left, top = (img.width - cfg.eval_crop) // 2, (img.height - cfg.eval_crop) // 2
+    return np.asarray(img.crop((left, top, left + cfg.eval_crop, top + cfg.eval_crop)))
 
 
-class ImageFolder:
+class ImageSet:
+    """Labelled images read by index; subclasses say where a sample's bytes are.
+
+    An unreadable sample is replaced by the next readable one (its own label comes
+    with it, so no label is ever wrong) and its name is returned with the batch, so the
+    run can count and report it; with data.strict the first one stops the run.
+    """
     channels = 3
 
-    def __init__(self, root: Path, split: str, cfg: DataConfig, seed: int, train: bool):
-        self.classes, self.samples = scan(root / split)
-        self.class_names = self.classes
-        self.num_classes = len(self.classes)
+    def __init__(self, classes: list[str], labels: list[int], cfg: DataConfig, seed: int, train: bool):
+        self.classes = self.class_names = classes
+        self.num_classes = len(classes)
+        self.labels = labels
         self.cfg, self.seed, self.train = cfg, seed, train
         self.augment = train  # per step, BatchSpec.augment decides (data.augment, or the phase)
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
 
-    def transform(self, img: Image.Image, u: np.ndarray | None) -> Image.Image:
-        cfg = self.cfg
-        if self.train:
-            if u is not None:
-                left, top, w, h = random_resized_crop(u, img.width, img.height, cfg)
-            else:  # augmentation off: a centred square crop of the whole image
-                side = min(img.width, img.height)
-                left, top, w, h = (img.width - side) // 2, (img.height - side) // 2, side, side
-            img = img.resize((cfg.image_size, cfg.image_size), Image.BILINEAR,
-                             box=(left, top, left + w, top + h))
-            if u is not None and u[-1] < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-            return img
-        scale = cfg.eval_resize / min(img.width, img.height)
-        img = img.resize((max(cfg.eval_crop, round(img.width * scale)),
-                          max(cfg.eval_crop, round(img.height * scale))), Image.BILINEAR)
-        left, top = (img.width - cfg.eval_crop) // 2, (img.height - cfg.eval_crop) // 2
-        return img.crop((left, top, left + cfg.eval_crop, top + cfg.eval_crop))
+    def source(self, k: int):
+        """A path or file object holding sample k's encoded image."""
+        raise NotImplementedError
 
-    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def name(self, k: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         u = (sample_uniforms(self.seed, spec.epoch, spec.indices, 4 * CROP_ATTEMPTS + 1)
              if self.augment and spec.augment else [None] * len(spec.indices))
-        arrays, labels = [], []
+        arrays, labels, bad = [], [], []
         for i, k in enumerate(spec.indices):
-            path, label = self.samples[k]
-            arrays.append(np.asarray(self.transform(open_rgb(path), u[i])))
-            labels.append(label)
+            for _ in range(len(self)):
+                try:
+                    arrays.append(decode_transform(self.source(k), u[i], self.cfg, self.train))
+                    break
+                except UnreadableImage as e:
+                    if self.cfg.strict:
+                        raise UnreadableImage(f"{e} (data.strict is on; without --strict the file is "
+                                              f"skipped and reported)") from None
+                    bad.append(self.name(k))
+                    k = (k + 1) % len(self)
+            else:
+                raise UnreadableImage("no readable image in the dataset")
+            labels.append(self.labels[k])
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return (x - MEAN) / STD, torch.tensor(labels, dtype=torch.long)
+        return (x - MEAN) / STD, torch.tensor(labels, dtype=torch.long), bad
+
+
+class ImageFolder(ImageSet):
+    def __init__(self, root: Path, split: str, cfg: DataConfig, seed: int, train: bool):
+        classes, self.samples = scan(root / split)
+        super().__init__(classes, [label for _, label in self.samples], cfg, seed, train)
+
+    def source(self, k: int):
+        return self.samples[k][0]
+
+    def name(self, k: int) -> str:
+        return self.samples[k][0]

@@ -16,11 +16,10 @@ class Synthetic:
         self.labels = torch.randint(num_classes, (num_samples,), generator=g)
         self.channels, self.num_classes = channels, num_classes
         self.class_names = [str(i) for i in range(num_classes)]
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         idx = torch.tensor(spec.indices, dtype=torch.long)
-        return self.pool[idx % POOL], self.labels[idx]
+        return self.pool[idx % POOL], self.labels[idx], []
