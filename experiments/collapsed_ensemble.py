@@ -52,7 +52,6 @@ def render(rows: list[dict], commands: list[str]) -> str:
     ens = {k: [r["ensemble"]["ensembles"][k - 1]["top1"] for r in rows] for k in range(1, k_max + 1)}
     members = [[m["top1"] for m in r["ensemble"]["members"]] for r in rows]
     phases = [m["phase"] for m in rows[0]["ensemble"]["members"]]
-    wall = lambda key: mean_spread([r[key]["wall_seconds"] for r in rows], scale=1.0, digits=0)
     lines = [
         "# The Collapsed Ensemble on Fashion-MNIST",
         "",
@@ -64,12 +63,12 @@ def render(rows: list[dict], commands: list[str]) -> str:
         f"{seeds} seeds; test top-1 in %, mean ± half the range over seeds.",
         f"Hardware: {hardware()}.",
         "",
-        "| run | test top-1 (%) | wall time (s) |",
-        "|---|---|---|",
-        f"| ordinary run (`fmnist-large`) | {mean_spread(ordinary)} | {wall('ordinary')} |",
-        f"| Collapsed Ensemble, final single model (`fmnist-ce`) | {mean_spread(final)} | {wall('ce')} |",
+        "| run | test top-1 (%) |",
+        "|---|---|",
+        f"| ordinary run (`fmnist-large`) | {mean_spread(ordinary)} |",
+        f"| Collapsed Ensemble, final single model (`fmnist-ce`) | {mean_spread(final)} |",
     ]
-    lines += [f"| Collapsed Ensemble, ensemble of the last {k} | {mean_spread(ens[k])} | |" for k in ens]
+    lines += [f"| Collapsed Ensemble, ensemble of the last {k} | {mean_spread(ens[k])} |" for k in ens]
     lines += ["", "Each snapshot alone (test top-1 %, mean ± half-range):", "",
               "| snapshot | phase | top-1 |", "|---|---|---|"]
     lines += [f"| {i + 1} | {phases[i]} | {mean_spread([m[i] for m in members])} |" for i in range(len(phases))]

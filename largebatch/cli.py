@@ -102,6 +102,18 @@ def cmd_pack(args) -> None:
     print(f"train with: largebatch train --set data.name=shards --data {args.dst} ...")
 
 
+def cmd_bench_data(args) -> None:
+    from .bench_data import bench_data
+    r = bench_data(Path(args.src), args.workers, args.batch, args.images, args.repeats, args.image_size,
+                   Path(args.shards) if args.shards else None, args.resize_shorter)
+    for name in ("torchvision", "folder", "shards"):
+        print(f"{name:>12}: {r[name + '_images_per_sec']:8.1f} images/s "
+              f"({r[name + '_images_per_sec_per_worker']:.1f} per worker)")
+    print(f"folder / torchvision = {r['folder_vs_torchvision']:.2f}, shards / torchvision = "
+          f"{r['shards_vs_torchvision']:.2f}")
+    _emit(r, args.out, True)
+
+
 def cmd_recipes(args) -> None:
     from .recipes import describe, recipe_names
     names = recipe_names()
@@ -186,6 +198,18 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     pk.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     pk.set_defaults(func=cmd_pack)
+
+    bd = sub.add_parser("bench-data", help="input pipeline images/s: folder, shards and torchvision's ImageFolder")
+    bd.add_argument("src", help="image tree with SRC/train/CLASS/*.jpg")
+    bd.add_argument("--workers", type=int, default=1, help="loader worker processes (0 = in the main process)")
+    bd.add_argument("--batch", type=int, default=64)
+    bd.add_argument("--images", type=int, default=0, help="images per measurement (0 = the whole train split)")
+    bd.add_argument("--repeats", type=int, default=2)
+    bd.add_argument("--image-size", type=int, default=224)
+    bd.add_argument("--shards", help="packed shards of SRC (default: pack SRC now, into a temporary folder)")
+    bd.add_argument("--resize-shorter", type=int, default=256, help="for the shards packed here")
+    bd.add_argument("--out", help="write the JSON here")
+    bd.set_defaults(func=cmd_bench_data)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import dist
-from .data import make_loader
+from .data import make_loader, model_input
 from .data.sampler import eval_batches
 
 
@@ -23,9 +23,8 @@ def eval_loader(dataset, batch: int, device: torch.device, workers: int = 0):
 
 def forward_eval(model: torch.nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
                  channels_last: bool) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(x.to(device, non_blocking=True, memory_format=fmt)).float()
+        return model(model_input(x, device, channels_last)).float()
 
 
 @torch.no_grad()

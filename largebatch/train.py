@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from . import checkpoint, dist, ensemble, grad_sync
 from .config import Config, dump_yaml, to_dict
-from .data import build_dataset, data_channels, default_workers, make_loader, shards
+from .data import build_dataset, data_channels, default_workers, make_loader, model_input, shards
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
 from .evaluate import evaluate
 from .preempt import StopRequest
@@ -90,13 +90,13 @@ def setup(cfg: Config, out: Path) -> Run:
 
 def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
     """One optimizer step over accum_steps micro-batches; returns this process's mean loss."""
-    lay, fmt = run.layout, torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    lay = run.layout
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for a in range(lay.accum_steps):
         x, y, skipped = next(batches)
         run.skipped.update(skipped)
-        x = x.to(run.device, non_blocking=True, memory_format=fmt)
+        x = model_input(x, run.device, run.cfg.train.channels_last)
         y = y.to(run.device, non_blocking=True)
         with run.sync.micro_step(a), \
                 torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16):

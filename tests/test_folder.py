@@ -34,7 +34,7 @@ def test_train_and_eval_transforms(tree):
     cfg = folder_cfg(tree, image_size=64, eval_resize=72, eval_crop=64)
     train = build_dataset(cfg, "train", seed=1)
     x, y, _ = train[BatchSpec(tuple(range(8)), epoch=0, augment=True)]
-    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.float32
+    assert x.shape == (8, 3, 64, 64) and x.dtype == torch.uint8  # normalised on the device (model_input)
     assert y.tolist() == [label for _, label in train.samples[:8]]
     again, _, _ = train[BatchSpec((3,), epoch=0, augment=True)]
     torch.testing.assert_close(again[0], x[3])               # a pure function of (seed, epoch, index)

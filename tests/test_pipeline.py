@@ -156,3 +156,15 @@ def test_draft_decoding_keeps_the_picture(tmp_path):
     assert fast.shape == slow.shape == (56, 56, 3)
     assert np.abs(fast - slow).mean() < 6.0, np.abs(fast - slow).mean()
     assert torch.from_numpy(fast).std() > 20  # a real picture, not a flat one
+
+
+def test_bench_data_reports_all_three_loaders(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=4, val_per_class=1)
+    out = tmp_path / "bench.json"
+    run_cli("bench-data", root, "--workers", "1", "--batch", "4", "--repeats", "1", "--image-size", "32",
+            "--resize-shorter", "64", "--out", out)
+    r = json.loads(out.read_text())
+    for key in ("folder_images_per_sec", "shards_images_per_sec", "torchvision_images_per_sec"):
+        assert r[key] > 0, key
+    assert r["images"] == 16 and r["workers"] == 1
+    assert r["folder_vs_torchvision"] == pytest.approx(r["folder_images_per_sec"] / r["torchvision_images_per_sec"])

@@ -81,6 +81,21 @@ def default_workers(cfg: DataConfig, local_world_size: int) -> int:
     return max(1, min(8, cores // max(local_world_size, 1) - 1))
 
 
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def model_input(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """A loader batch as the model takes it. Image batches arrive as uint8 and are
+    normalised here, on the device (the GPU, where there is one), after the copy."""
+    x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        x = x.float().sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def make_loader(dataset, specs: Iterable[BatchSpec], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=specs, num_workers=workers,

@@ -12,8 +12,6 @@ from ..config import ConfigError, DataConfig
 from .sampler import BatchSpec, sample_uniforms
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".tif", ".tiff", ".gif"}
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 CROP_ATTEMPTS = 10
 
 
@@ -86,7 +84,9 @@ def decode_transform(source, u: np.ndarray | None, cfg: DataConfig, train: bool)
                 want = (width * scale, height * scale)
             if img.format == "JPEG":
                 img.draft(None, (math.ceil(want[0]), math.ceil(want[1])))
-            img = img.convert("RGB")  # decodes; any mode (L, CMYK, P, RGBA) becomes RGB
+            img.load()
+            if img.mode != "RGB":  # L, CMYK, P, RGBA...
+                img = img.convert("RGB")
     except Exception as e:  # PIL raises many types for broken files
         raise UnreadableImage(f"cannot read image {getattr(source, 'name', source)}: {e}") from e
     rx, ry = img.width / width, img.height / height
@@ -146,8 +146,10 @@ class ImageSet:
             else:
                 raise UnreadableImage("no readable image in the dataset")
             labels.append(self.labels[k])
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-        return (x - MEAN) / STD, torch.tensor(labels, dtype=torch.long), bad
+        # uint8 (N, 3, H, W) in channels-last memory: a quarter of float32's bytes through the
+        # loader's queue; data.model_input normalises it on the training device.
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return x, torch.tensor(labels, dtype=torch.long), bad
 
 
 class ImageFolder(ImageSet):
