@@ -114,6 +114,94 @@ def cmd_bench_data(args) -> None:
     _emit(r, args.out, True)
 
 
+def cmd_bench(args) -> None:
+    from .bench import bench, plot
+    procs = [int(p) for p in args.procs.split(",")]
+    r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, procs,
+              args.image_size, args.channels_last, args.mode)
+    print(f"{r['model']} {r['dtype']}, batch {r['batch_per_process']} per process ({r['mode']} scaling):")
+    for run, s in zip(r["runs"], r["scaling"]):
+        b = run["breakdown"]
+        print(f"  {run['procs']} x {run['threads_per_proc']} threads: {run['images_per_sec']:.2f} "
+              f"± {run['images_per_sec_spread']:.2f} images/s, efficiency {s['efficiency']:.3f}; step "
+              f"{b['step']:.3f} s = data {b['data']:.3f} + forward {b['forward']:.3f} + backward "
+              f"{b['backward']:.3f} + exposed comm {b['comm_exposed']:.3f} + optimizer {b['optimizer']:.3f}")
+        if "allreduce" in run:
+            a = run["allreduce"]
+            print(f"    all-reduce over {a['procs']} processes: alpha {a['alpha'] * 1e6:.1f} us, "
+                  f"beta {1 / max(a['beta'], 1e-30) / 1e9:.2f} GB/s")
+    if args.plot:
+        plot(r, Path(args.plot))
+    _emit(r, args.out, True)
+
+
+def _plan_inputs(args):
+    from . import plan
+    bench = json.loads(Path(args.bench).read_text()) if args.bench else None
+    if bench:
+        compute = plan.Compute.from_bench(bench, args.procs_per_node)
+    elif args.node_images_per_sec:
+        compute = plan.Compute.from_node_throughput(args.node_images_per_sec, args.procs_per_node)
+    else:
+        raise ConfigError("plan: give --bench FILE (from `largebatch bench`) or --node-images-per-sec")
+    if args.interconnect:
+        net = plan.Network.named(args.interconnect)
+    else:
+        measured = [r["allreduce"] for r in (bench or {}).get("runs", []) if "allreduce" in r]
+        if not measured:
+            raise ConfigError("plan: give --interconnect NAME, or a --bench file with a multi-process run "
+                              f"(its all-reduce microbenchmark); interconnects: {', '.join(plan.INTERCONNECTS)}")
+        a = measured[-1]
+        net = plan.Network(a["alpha"], a["beta"], a["alpha"], a["beta"])
+    if args.gradient_bytes:
+        grad = args.gradient_bytes
+    elif bench:
+        grad = bench["runs"][0]["parameters"] * args.bytes_per_param
+    else:
+        from .config import ModelConfig
+        from .models import build_model
+        model = build_model(ModelConfig(name=args.model, bn_group_size=0), 3, 1000)
+        grad = sum(p.numel() for p in model.parameters()) * args.bytes_per_param
+    return compute, net, grad
+
+
+def cmd_plan(args) -> None:
+    from . import plan
+    if (args.batch_per_proc is None) == (args.global_batch is None):
+        raise ConfigError("plan: give exactly one of --batch-per-proc (weak scaling) and --global-batch")
+    compute, net, grad = _plan_inputs(args)
+    nodes = [int(n) for n in args.nodes.split(",")]
+    algorithms = ["ring", "tree", "hierarchical"] if args.algorithm == "all" else [args.algorithm]
+    rows = {a: plan.rows_for(compute, net, grad, nodes, args.procs_per_node, args.batch_per_proc,
+                             args.global_batch, args.epochs, args.dataset_size, a, args.bucket_mb)
+            for a in algorithms}
+    print(f"gradients {grad / 1e6:.1f} MB; compute {compute.fwd_per_image + compute.bwd_per_image:.4f} s per "
+          f"image per process; alpha {net.alpha * 1e6:.1f} us, {1 / net.beta / 1e9:.2f} GB/s between nodes")
+    for a, rs in rows.items():
+        print(f"{a}:\n  {'nodes':>6} {'procs':>6} {'batch':>7} {'step s':>8} {'exposed s':>9} {'images/s':>10} "
+              f"{'eff':>6} {'time to train':>14}")
+        for r in rs:
+            print(f"  {r['nodes']:>6} {r['procs']:>6} {r['global_batch']:>7} {r['step_seconds']:>8.3f} "
+                  f"{r['exposed_comm_seconds']:>9.4f} {r['images_per_sec']:>10.1f} {r['efficiency']:>6.3f} "
+                  f"{r['time_to_train_seconds'] / 60:>11.1f} min")
+    result = {"assumptions": plan.__doc__, "gradient_bytes": grad, "compute": vars(compute), "network": vars(net),
+              "rows": rows[algorithms[-1]] if len(algorithms) == 1 else [r | {"algorithm": a}
+                                                                       for a, rs in rows.items() for r in rs]}
+    if args.deadline_minutes:
+        if args.batch_per_proc is None:
+            raise ConfigError("plan: --deadline-minutes searches node counts at a fixed --batch-per-proc")
+        hit = plan.nodes_for_deadline(compute, net, grad, args.procs_per_node, args.batch_per_proc, args.epochs,
+                                      args.dataset_size, args.deadline_minutes * 60, algorithms[-1], args.bucket_mb)
+        result["deadline"] = hit
+        print(f"deadline {args.deadline_minutes} min ({algorithms[-1]}): " +
+              (f"{hit['nodes']} nodes, global batch {hit['global_batch']}, efficiency {hit['efficiency']:.3f}, "
+               f"{hit['time_to_train_seconds'] / 60:.1f} min" if hit else "not reachable at this batch per process"))
+    if args.plot:
+        plan.plot(rows, Path(args.plot), f"{args.epochs:g} epochs, {args.procs_per_node} procs/node")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def cmd_recipes(args) -> None:
     from .recipes import describe, recipe_names
     names = recipe_names()
@@ -210,6 +298,43 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--resize-shorter", type=int, default=256, help="for the shards packed here")
     bd.add_argument("--out", help="write the JSON here")
     bd.set_defaults(func=cmd_bench_data)
+
+    b = sub.add_parser("bench", help="training images/s, step breakdown and scaling on synthetic data")
+    b.add_argument("--model", default="resnet50")
+    b.add_argument("--batch", type=int, default=16, help="images per process per step")
+    b.add_argument("--steps", type=int, default=5, help="measured steps per repeat")
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    b.add_argument("--threads", type=int, default=0, help="threads per process (0 = cores / processes)")
+    b.add_argument("--procs", default="1", help="process counts to sweep, e.g. 1,2")
+    b.add_argument("--mode", choices=["weak", "strong"], default="weak",
+                   help="weak: --batch per process; strong: global batch = batch x max(procs)")
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--out", help="write the JSON here")
+    b.add_argument("--plot", help="write a PNG here")
+    b.set_defaults(func=cmd_bench)
+
+    pl = sub.add_parser("plan", help="predict step time, efficiency and time-to-train on N nodes")
+    pl.add_argument("--bench", help="a `largebatch bench` JSON: compute per image, all-reduce alpha/beta")
+    pl.add_argument("--node-images-per-sec", type=float, help="training images/s of one node (instead of --bench)")
+    pl.add_argument("--model", default="resnet50", help="for the gradient size when there is no --bench")
+    pl.add_argument("--gradient-bytes", type=float)
+    pl.add_argument("--bytes-per-param", type=int, default=4, help="4 = fp32 all-reduce, 2 = bf16")
+    pl.add_argument("--interconnect", help="named network between nodes (default: the bench's measured one)")
+    pl.add_argument("--algorithm", default="hierarchical", choices=["ring", "tree", "hierarchical", "all"])
+    pl.add_argument("--nodes", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
+    pl.add_argument("--procs-per-node", type=int, default=1)
+    pl.add_argument("--batch-per-proc", type=float, help="weak scaling: images per process per step")
+    pl.add_argument("--global-batch", type=int, help="strong scaling: a fixed global batch")
+    pl.add_argument("--epochs", type=float, default=90)
+    pl.add_argument("--dataset-size", type=int, default=1281167, help="training images (ImageNet-1K)")
+    pl.add_argument("--bucket-mb", type=float, default=25.0)
+    pl.add_argument("--deadline-minutes", type=float, help="also find the fewest nodes that meet this")
+    pl.add_argument("--out", help="write the rows as JSON here")
+    pl.add_argument("--plot", help="write a PNG over N here")
+    pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)

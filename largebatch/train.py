@@ -1,6 +1,7 @@
 """The training loop: set up, resume, then step / log / evaluate / checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -88,24 +89,47 @@ def setup(cfg: Config, out: Path) -> Run:
                workers=default_workers(cfg.data, info.local_world_size))
 
 
-def train_step(run: Run, batches, loss_fn) -> torch.Tensor:
+class PhaseTimer:
+    """Seconds per part of the step (`largebatch bench`); training uses NO_TIMER."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
+
+
+NO_TIMER = lambda part: contextlib.nullcontext()  # noqa: E731
+
+
+def train_step(run: Run, batches, loss_fn, timer=NO_TIMER) -> torch.Tensor:
     """One optimizer step over accum_steps micro-batches; returns this process's mean loss."""
     lay = run.layout
     run.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=run.device)
     for a in range(lay.accum_steps):
-        x, y, skipped = next(batches)
-        run.skipped.update(skipped)
-        x = model_input(x, run.device, run.cfg.train.channels_last)
-        y = y.to(run.device, non_blocking=True)
-        with run.sync.micro_step(a), \
+        with timer("data"):
+            x, y, skipped = next(batches)
+            run.skipped.update(skipped)
+            x = model_input(x, run.device, run.cfg.train.channels_last)
+            y = y.to(run.device, non_blocking=True)
+        with timer("forward"), run.sync.micro_step(a), \
                 torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.cfg.train.bf16):
             loss = loss_fn(run.sync.module(x).float(), y)
-        run.sync.backward(loss)
+        with timer("backward"):  # includes the wait for the last gradient buckets
+            run.sync.backward(loss)
         total += loss.detach() / lay.accum_steps
-    run.sync.finish()
-    run.optimizer.step()
-    group_bn.commit_running_stats(run.model)
+    with timer("backward"):
+        run.sync.finish()
+    with timer("optimizer"):
+        run.optimizer.step()
+        group_bn.commit_running_stats(run.model)
     return total
 
 

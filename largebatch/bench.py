@@ -1,0 +1,192 @@
+"""`largebatch bench`: images/s and a per-step time breakdown of the real training step
+(train.train_step) on synthetic data, for 1, 2, ... processes on this machine, plus an
+all-reduce microbenchmark giving latency and bandwidth (alpha, beta) for `plan`.
+
+Each process count runs in fresh worker processes (`python -m largebatch.bench`, ranks
+from the environment as under torchrun); rank 0 reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PARTS = ("data", "forward", "backward", "optimizer")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def launch(spec: dict, procs: int, timeout: float = 3600) -> dict:
+    """Run one measurement in `procs` fresh processes; returns rank 0's result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        port = str(_free_port())
+        threads = spec["threads"]
+        workers = []
+        for rank in range(procs):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank),
+                   "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                   "OMP_NUM_THREADS": str(threads)}
+            workers.append(subprocess.Popen([sys.executable, "-m", "largebatch.bench", json.dumps(spec), str(out)],
+                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        logs = [w.communicate(timeout=timeout)[0] for w in workers]
+        if any(w.returncode for w in workers):
+            raise RuntimeError("bench worker failed:\n" + "\n".join(log[-3000:] for log in logs))
+        return json.loads(out.read_text())
+
+
+def bench_config(spec: dict, procs: int):
+    from .config import build_config
+    b = spec["batch"]
+    group = 32 if b % 32 == 0 else 0  # the training default where it divides the batch
+    return build_config({
+        "model": {"name": spec["model"], "bn_group_size": group},
+        "data": {"name": "synthetic", "synthetic_size": spec["image_size"], "synthetic_classes": spec["classes"],
+                 "synthetic_channels": spec["channels"], "synthetic_samples": b * procs * 8, "workers": 0},
+        "train": {"global_batch": b * procs, "micro_batch": b, "bf16": spec["dtype"] == "bf16",
+                  "channels_last": spec["channels_last"], "threads": spec["threads"],
+                  "steps": spec["warmup"] + spec["steps"] * spec["repeats"]},
+        "optim": {"name": "sgd"}})
+
+
+def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
+    """Median time of an fp32 all-reduce per size, and the least-squares fit t = a + b * bytes."""
+    from . import dist
+    points = []
+    for n in sizes:
+        t = torch.zeros(max(n // 4, 1))
+        for _ in range(3):
+            dist.all_reduce_sum(t)
+        times = []
+        for _ in range(iters):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce_sum(t)
+            times.append(time.perf_counter() - t0)
+        points.append({"bytes": t.numel() * 4, "seconds": statistics.median(times)})
+    xs, ys = [p["bytes"] for p in points], [p["seconds"] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    w = dist.info().world_size
+    fit_a, fit_b = max(my - slope * mx, 0.0), max(slope, 0.0)
+    # a ring all-reduce costs 2(W-1) alpha + 2(W-1)/W bytes beta
+    return {"points": points, "fit_seconds": fit_a, "fit_seconds_per_byte": fit_b,
+            "alpha": fit_a / (2 * (w - 1)), "beta": fit_b / (2 * (w - 1) / w), "procs": w}
+
+
+def worker(spec: dict, out: Path) -> None:
+    from . import dist, grad_sync
+    from .data import make_loader
+    from .train import PhaseTimer, setup, train_step
+
+    procs = int(os.environ["WORLD_SIZE"])
+    cfg = bench_config(spec, procs)
+    run = setup(cfg, Path(tempfile.gettempdir()))
+    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
+    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(0, run.total_steps), 0, run.device))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for group in run.optimizer.param_groups:
+        group["lr"] = 1e-3
+    for _ in range(spec["warmup"]):
+        train_step(run, batches, loss_fn)
+    run.sync.take_seconds()
+    rates, parts = [], []
+    for _ in range(spec["repeats"]):
+        timer = PhaseTimer(run.device)
+        exposed = 0.0
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(spec["steps"]):
+            train_step(run, batches, loss_fn, timer)
+            exposed += run.sync.take_seconds()[1]
+        elapsed = time.perf_counter() - t0
+        rates.append(spec["steps"] * run.layout.global_batch / elapsed)
+        per_step = {k: timer.seconds.get(k, 0.0) / spec["steps"] for k in PARTS}
+        per_step["comm_exposed"] = exposed / spec["steps"]
+        per_step["backward"] -= per_step["comm_exposed"]
+        per_step["step"] = elapsed / spec["steps"]
+        parts.append(per_step)
+    grad_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    result = {"procs": procs, "threads_per_proc": torch.get_num_threads(), "global_batch": run.layout.global_batch,
+              "images_per_sec": statistics.fmean(rates), "images_per_sec_runs": rates,
+              "images_per_sec_spread": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+              "breakdown": {k: statistics.fmean(p[k] for p in parts) for k in parts[0]},
+              "gradient_bytes": grad_bytes,
+              "parameters": sum(p.numel() for p in run.model.parameters())}
+    if procs > 1 and spec["allreduce"]:
+        bucket = int(cfg.dist.bucket_mb * 2**20)
+        sizes = sorted({4 ** k for k in range(6, 13)} | {bucket, grad_bytes})  # 4 KB .. 16 MB, bucket, all
+        result["allreduce"] = allreduce_sweep([s for s in sizes if s <= max(grad_bytes, 4096)])
+    if dist.info().is_main:
+        Path(out).write_text(json.dumps(result))
+    dist.shutdown()
+
+
+def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int = 2, repeats: int = 3,
+          dtype: str = "fp32", threads: int = 0, procs: list[int] = (1,), image_size: int = 224,
+          channels_last: bool = False, mode: str = "weak", allreduce: bool = True) -> dict:
+    """Measure each process count; weak scaling keeps `batch` per process, strong scaling
+    keeps the global batch batch * max(procs)."""
+    from .models import CIFAR
+    cifar = model in CIFAR
+    runs = []
+    for p in procs:
+        per_proc = batch if mode == "weak" else batch * max(procs) // p
+        spec = {"model": model, "batch": per_proc, "steps": steps, "warmup": warmup, "repeats": repeats,
+                "dtype": dtype, "threads": threads or max(1, _cores() // p), "image_size": 32 if cifar else image_size,
+                "classes": 10 if cifar else 1000, "channels": 3, "channels_last": channels_last,
+                "allreduce": allreduce}
+        runs.append(launch(spec, p))
+    base = runs[0]["images_per_sec"] / runs[0]["procs"]
+    result = {"model": model, "batch_per_process": batch, "dtype": dtype, "image_size": image_size,
+              "channels_last": channels_last, "mode": mode, "cores": _cores(),
+              "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
+              "breakdown": runs[0]["breakdown"], "runs": runs,
+              "scaling": [{"procs": r["procs"], "images_per_sec": r["images_per_sec"],
+                           "efficiency": r["images_per_sec"] / (r["procs"] * base)} for r in runs]}
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = result["runs"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = [f"{r['procs']} x {r['threads_per_proc']} thr" for r in runs]
+    a1.bar(labels, [r["images_per_sec"] for r in runs], yerr=[r["images_per_sec_spread"] for r in runs])
+    for i, s in enumerate(result["scaling"]):
+        a1.text(i, runs[i]["images_per_sec"], f"eff {s['efficiency']:.2f}", ha="center", va="bottom")
+    a1.set_ylabel("images/s")
+    a1.set_title(f"{result['model']}, {result['dtype']}, batch {result['batch_per_process']}/process ({result['mode']})")
+    bottom = [0.0] * len(runs)
+    for part in ("data", "forward", "backward", "comm_exposed", "optimizer"):
+        vals = [r["breakdown"][part] for r in runs]
+        a2.bar(labels, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    a2.set_ylabel("seconds per step")
+    a2.set_title("step breakdown")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    worker(json.loads(sys.argv[1]), Path(sys.argv[2]))

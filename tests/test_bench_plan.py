@@ -1,0 +1,89 @@
+"""`largebatch bench` and `largebatch plan`: the commands work and the model's arithmetic
+is what its docstring says."""
+import json
+import math
+
+import pytest
+
+from largebatch import plan
+
+from conftest import run_cli
+
+
+def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run_cli("bench", "--model", "resnet8", "--batch", "32", "--steps", "2", "--warmup", "1", "--repeats", "2",
+            "--procs", "1,2", "--out", out, "--plot", png, env={"OMP_NUM_THREADS": ""}, timeout=300)
+    r = json.loads(out.read_text())
+    assert r["images_per_sec"] > 0 and r["images_per_sec_spread"] >= 0
+    assert [s["procs"] for s in r["scaling"]] == [1, 2]
+    one, two = r["runs"]
+    assert r["scaling"][0]["efficiency"] == pytest.approx(1.0)
+    assert r["scaling"][1]["efficiency"] == pytest.approx(two["images_per_sec"] / (2 * one["images_per_sec"]))
+    assert two["global_batch"] == 64 and one["global_batch"] == 32            # weak scaling
+    for run in r["runs"]:
+        b = run["breakdown"]
+        parts = b["data"] + b["forward"] + b["backward"] + b["comm_exposed"] + b["optimizer"]
+        assert 0.8 * b["step"] <= parts <= 1.05 * b["step"], b                 # the parts make the step
+    a = two["allreduce"]
+    assert a["alpha"] >= 0 and a["beta"] > 0 and len(a["points"]) >= 3
+    assert png.stat().st_size > 1000
+
+
+def test_ring_tree_and_hierarchical_costs_by_hand():
+    net = plan.Network(alpha=1e-6, beta=1e-9, alpha_intra=1e-7, beta_intra=1e-10)
+    n = 1e8
+    assert plan.allreduce_seconds(n, 1, 1, net, "ring") == 0.0
+    assert plan.allreduce_seconds(n, 4, 2, net, "ring") == pytest.approx(2 * 7 * 1e-6 + 2 * 7 / 8 * n * 1e-9)
+    assert plan.allreduce_seconds(n, 4, 2, net, "tree") == pytest.approx(2 * 3 * 1e-6 + 2 * 7 / 8 * n * 1e-9)
+    hier = 2 * 1 * 1e-7 + 2 * 0.5 * n * 1e-10 + 2 * 3 * 1e-6 + 2 * 3 / 4 * n * 1e-9
+    assert plan.allreduce_seconds(n, 4, 2, net, "hierarchical") == pytest.approx(hier)
+    # one node: the intra-node network
+    assert plan.allreduce_seconds(n, 1, 2, net, "ring") == pytest.approx(2 * 1e-7 + n * 1e-10)
+
+
+def test_overlap_hides_communication_behind_backward():
+    cost = lambda n: n * 1e-9  # 1 GB/s
+    # 100 MB in 4 buckets of 25 MB, each 25 ms; backward 1 s: only the last bucket's 25 ms shows
+    total, exposed = plan.exposed_comm(1.0, 100e6, 25e6, cost)
+    assert total == pytest.approx(0.1) and exposed == pytest.approx(0.025)
+    # backward 10 ms: communication is the bottleneck, 100 ms from the first bucket's readiness
+    total, exposed = plan.exposed_comm(0.01, 100e6, 25e6, cost)
+    assert exposed == pytest.approx(0.0025 + 0.1 - 0.01)
+
+
+def test_predictions_efficiency_and_time_to_train():
+    compute = plan.Compute.from_node_throughput(100.0, 2)   # 0.02 s per image per process
+    net = plan.Network.named("omnipath-100")
+    one = plan.predict(compute, net, 1e8, 1, 1, 32, 90, 1281167)
+    assert one.efficiency == 1.0 and one.images_per_sec == pytest.approx(1 / 0.02)
+    row = plan.predict(compute, net, 1e8, 64, 2, 64 * 2 * 16, 90, 1281167)
+    assert row.step_seconds == pytest.approx(row.compute_seconds + row.exposed_comm_seconds)
+    assert row.time_to_train_seconds == pytest.approx(90 * 1281167 / row.images_per_sec)
+    assert 0.9 < row.efficiency < 1.0
+    hit = plan.nodes_for_deadline(compute, net, 1e8, 2, 16, 90, 1281167, 28 * 60, "hierarchical", 25)
+    assert hit["time_to_train_seconds"] <= 28 * 60
+    fewer = plan.predict(compute, net, 1e8, hit["nodes"] - 1, 2, (hit["nodes"] - 1) * 32, 90, 1281167, "hierarchical")
+    assert fewer.time_to_train_seconds > 28 * 60
+
+
+def test_plan_cli_from_a_bench_file_and_from_the_paper(tmp_path):
+    bench = {"runs": [{"procs": 1, "global_batch": 16, "parameters": 1000,
+                       "breakdown": {"forward": 0.1, "backward": 0.2, "optimizer": 0.0, "data": 0.0}},
+                      {"procs": 2, "allreduce": {"alpha": 1e-4, "beta": 1e-9}}]}
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    out = tmp_path / "plan.json"
+    run_cli("plan", "--bench", tmp_path / "b.json", "--nodes", "1,2", "--procs-per-node", "1", "--batch-per-proc", "16",
+            "--epochs", "1", "--dataset-size", "1600", "--out", out)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["nodes"] for r in rows] == [1, 2]
+    assert rows[0]["step_seconds"] == pytest.approx(0.3) and rows[0]["time_to_train_seconds"] == pytest.approx(30)
+    for key in ("nodes", "procs", "global_batch", "step_seconds", "images_per_sec", "efficiency", "time_to_train_seconds"):
+        assert key in rows[1]
+    paper = run_cli("plan", "--node-images-per-sec", "98.5", "--procs-per-node", "2", "--batch-per-proc", "16",
+                    "--interconnect", "omnipath-100", "--nodes", "64", "--deadline-minutes", "28",
+                    "--plot", tmp_path / "p.png").stdout
+    assert "deadline 28.0 min" in paper and (tmp_path / "p.png").exists()
+    bad = run_cli("plan", "--node-images-per-sec", "98.5", "--batch-per-proc", "16", check=False)
+    assert bad.returncode == 2 and "--interconnect" in bad.stderr
+    assert math.isfinite(rows[1]["efficiency"])
