@@ -26,9 +26,10 @@ class Bucketed:
     def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig):
         self.accum_steps, self.bf16 = accum_steps, cfg.allreduce_bf16
         self.module = model
+        self.ddp = None  # kept apart from `module`, which torch.compile may wrap
         if dist.active():
-            self.module = self._ddp(model, device, cfg.bucket_mb)
-            self.module.register_comm_hook(self, _bucket_hook)
+            self.module = self.ddp = self._ddp(model, device, cfg.bucket_mb)
+            self.ddp.register_comm_hook(self, _bucket_hook)
         self._reset()
 
     @staticmethod
@@ -43,8 +44,8 @@ class Bucketed:
 
     def micro_step(self, a: int):
         """DDP all-reduces during the backward of the last micro-step only."""
-        if a < self.accum_steps - 1 and isinstance(self.module, torch.nn.parallel.DistributedDataParallel):
-            return self.module.no_sync()
+        if a < self.accum_steps - 1 and self.ddp is not None:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from .data import build_dataset, data_channels, default_workers, make_loader, mo
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
 from .evaluate import evaluate
 from .preempt import StopRequest
-from .models import build_model, group_bn, model_channels
+from .models import TORCHVISION, build_model, group_bn, model_channels
 from .optim import apply_schedule, build_optimizer
 from .optim.schedule import build_phases, phase_at, phase_lr
 from .runlog import MetricsLog, environment, summary_table, write_json
@@ -59,9 +59,28 @@ class Run:
     skipped: set = field(default_factory=set)  # unreadable training files met by this process
 
 
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # older torch: no way to ask, stay in fp32
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_auto(cfg: Config, device: torch.device) -> Config:
+    """Turn the hardware-dependent defaults (None) into values; config.yaml records them."""
+    t = cfg.train
+    bf16 = native_bf16(device) if t.bf16 is None else t.bf16
+    channels_last = cfg.model.name in TORCHVISION if t.channels_last is None else t.channels_last
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
+
+
 def setup(cfg: Config, out: Path) -> Run:
     probe = dist.from_env()
     device = pick_device(probe)
+    cfg = resolve_auto(cfg, device)
     info = dist.init(device)
     set_threads(cfg.train.threads, info)
     # Everything the config alone can reject is rejected before any data is read.
@@ -165,6 +184,7 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
 def train(cfg: Config, out: Path, resume: bool = False) -> dict:
     out = Path(out)
     run = setup(cfg, out)
+    cfg = run.cfg  # with the hardware-dependent defaults resolved
     t, info, spe = cfg.train, run.info, run.sampler.steps_per_epoch
     start, wall_before = 0, 0.0
     last = checkpoint.latest(out / "checkpoints") if resume else None
@@ -175,6 +195,8 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
         run.skipped.update(state.get("skipped_files", []))
     run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
+    if t.compile:  # the step calls run.sync.module; checkpoints keep using the bare run.model
+        run.sync.module = torch.compile(run.sync.module)
     stop = StopRequest()
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
