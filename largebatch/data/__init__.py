@@ -34,6 +34,8 @@ class Head:
         return self.dataset[spec]
 
     def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.dataset, name)
 
 
