@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, command, hardware, largebatch, mean_spread, train
+from common import ROOT, command, hardware, largebatch, mean_spread, relative, train
 
 
 def main() -> None:
@@ -21,6 +21,8 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=ROOT / "runs/ce-study")
     p.add_argument("--doc", type=Path, default=ROOT / "docs/COLLAPSED_ENSEMBLE.md")
     p.add_argument("--epochs", type=float, help="shorter budget for a smoke check")
+    p.add_argument("--reading", type=Path, default=ROOT / "experiments/ce_reading.md",
+                   help="the hand-written reading of the results, added after the generated one")
     a = p.parse_args()
     extra = ["--epochs", str(a.epochs), "--set", "schedule.warmup_epochs=0.2"] if a.epochs else []
 
@@ -37,10 +39,13 @@ def main() -> None:
         if not report.exists():
             snaps = sorted((ce_dir / "snapshots").glob("*.pt"))
             largebatch("ensemble", *snaps, "--out", report)
-        commands.append(f"largebatch ensemble {ce_dir}/snapshots/*.pt --out {report}")
+        commands.append(f"largebatch ensemble {relative(ce_dir)}/snapshots/*.pt --out {relative(report)}")
         rows.append({"seed": seed, "ordinary": runs["fmnist-large"], "ce": runs["fmnist-ce"],
                      "ensemble": json.loads(report.read_text())})
-    a.doc.write_text(render(rows, commands))
+    text = render(rows, commands)
+    if a.reading.exists() and not a.epochs:
+        text = text.replace("## Commands", a.reading.read_text().strip() + "\n\n## Commands")
+    a.doc.write_text(text)
     print(f"wrote {a.doc}")
 
 
@@ -81,7 +86,7 @@ def render(rows: list[dict], commands: list[str]) -> str:
     gain = (sum(ens[best]) - sum(ordinary)) / seeds * 100
     vs_final = (sum(ens[best]) - sum(final)) / seeds * 100
     lines += ["", "## Reading", "",
-              f"The best ensemble (last {best} snapshots) is {gain:+.2f} points against the ordinary run and "
+              f"The best ensemble (the last {best} snapshot{'s' if best > 1 else ''}) is {gain:+.2f} points against the ordinary run and "
               f"{vs_final:+.2f} points against the Collapsed Ensemble's own final model, at the same epoch budget "
               f"(mean over {seeds} seeds). Compare with the spread between seeds before reading a difference "
               f"as a gain.", "", "## Commands", "", "```"] + commands + ["```", ""]

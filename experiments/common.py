@@ -40,8 +40,16 @@ def train(out: Path, args: list[str], **kw) -> dict:
     return json.loads(summary.read_text())
 
 
+def relative(path: Path) -> str:
+    """Paths under the repository as the docs show them."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def command(args: list[str], out: Path) -> str:
-    return "largebatch train " + " ".join(args) + f" --out {out}"
+    return "largebatch train " + " ".join(args) + f" --out {relative(out)}"
 
 
 def mean_spread(values: list[float], scale: float = 100.0, digits: int = 2) -> str:

@@ -46,8 +46,10 @@ def launch(spec: dict, procs: int, timeout: float = 3600) -> dict:
             workers.append(subprocess.Popen([sys.executable, "-m", "largebatch.bench", json.dumps(spec), str(out)],
                                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [w.communicate(timeout=timeout)[0] for w in workers]
-        if any(w.returncode for w in workers):
-            raise RuntimeError("bench worker failed:\n" + "\n".join(log[-3000:] for log in logs))
+        failed = [rank for rank, w in enumerate(workers) if w.returncode]
+        if failed:
+            raise RuntimeError(f"bench: worker rank(s) {failed} of {procs} failed:\n" +
+                               "\n".join(f"--- rank {r}:\n{logs[r][-3000:]}" for r in failed))
         return json.loads(out.read_text())
 
 
@@ -135,6 +137,7 @@ def worker(spec: dict, out: Path) -> None:
         result["allreduce"] = allreduce_sweep([s for s in sizes if s <= max(grad_bytes, 4096)])
     if dist.info().is_main:
         Path(out).write_text(json.dumps(result))
+    dist.barrier()  # nobody closes its connections while another process is still reducing
     dist.shutdown()
 
 

@@ -23,7 +23,7 @@ class Table:
 
     def __getitem__(self, spec):
         idx = torch.tensor(spec.indices)
-        return idx.float().view(-1, 1), self.labels[idx]
+        return idx.float().view(-1, 1), self.labels[idx], []
 
 
 class Lookup(nn.Module):
