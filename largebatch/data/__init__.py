@@ -3,6 +3,7 @@
 it BatchSpecs from the global sampler, in order."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterable
@@ -87,14 +88,20 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
+@functools.lru_cache(maxsize=None)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: building them per batch would copy host->GPU every step."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
 def model_input(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """A loader batch as the model takes it. Image batches arrive as uint8 and are
     normalised here, on the device (the GPU, where there is one), after the copy."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = x.to(device, non_blocking=True)
     if x.dtype == torch.uint8:
-        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean, std = _normalisation(device)
         # one copy converts type and layout together, then in place: 2.5x cheaper than
         # x.float().sub(mean).div(std).contiguous() on this CPU
         return torch.empty(x.shape, device=device, memory_format=fmt).copy_(x).sub_(mean).div_(std)

@@ -26,16 +26,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         invstd = (var + eps).rsqrt()
         shape = [1, c] + [1] * (x.dim() - 2)
         xhat = (x - mean.float().view(shape)) * invstd.float().view(shape)
-        ctx.save_for_backward(xhat, weight, invstd.float())
-        ctx.count = count.item()
+        # the count stays a tensor: .item() would stall a GPU stream at every layer
+        ctx.save_for_backward(xhat, weight, invstd.float(), count.float())
         ctx.dims = dims
         y = xhat * weight.view(shape) + bias.view(shape)
-        unbiased = var * count / max(count.item() - 1, 1)
+        unbiased = var * count / (count - 1).clamp_min(1)
         return y, mean.float(), unbiased.float()
 
     @staticmethod
     def backward(ctx, gy, _gmean, _gvar):
-        xhat, weight, invstd = ctx.saved_tensors
+        xhat, weight, invstd, count = ctx.saved_tensors
         c = xhat.shape[1]
         shape = [1, c] + [1] * (xhat.dim() - 2)
         # fp64 sums again, so that the split of the batch over processes changes
@@ -47,7 +47,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # all-reduce combines them).
         sums = dist.all_reduce_sum(torch.cat([local_db, local_dw]))
         db, dw = sums[:c].float().view(shape), sums[c:].float().view(shape)
-        gx = (weight * invstd).view(shape) / ctx.count * (ctx.count * gy - db - xhat * dw)
+        gx = (weight * invstd).view(shape) / count * (count * gy - db - xhat * dw)
         return gx, local_dw.float(), local_db.float(), None
 
 
