@@ -134,7 +134,9 @@ def worker(spec: dict, out: Path) -> None:
     if procs > 1 and spec["allreduce"]:
         bucket = int(cfg.dist.bucket_mb * 2**20)
         sizes = sorted({4 ** k for k in range(6, 13)} | {bucket, grad_bytes})  # 4 KB .. 16 MB, bucket, all
-        result["allreduce"] = allreduce_sweep([s for s in sizes if s <= max(grad_bytes, 4096)])
+        # up to the bucket size at least: a small model's few hundred KB of gradients are
+        # all latency, and a fit over them alone cannot see the bandwidth
+        result["allreduce"] = allreduce_sweep([s for s in sizes if s <= max(grad_bytes, bucket)])
     if dist.info().is_main:
         Path(out).write_text(json.dumps(result))
     dist.barrier()  # nobody closes its connections while another process is still reducing
