@@ -8,6 +8,18 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data.folder import UnreadableImage
+from .errors import UserError
+from .models import MODEL_NAMES
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _train_overrides(args) -> list[str]:
@@ -26,15 +38,15 @@ def cmd_train(args) -> None:
 
     cfg = build_config(load_recipe(args.recipe), _train_overrides(args))
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
-    if not args.resume and checkpoint.latest(out / "checkpoints") is not None:
+    if not args.resume and checkpoint.has_checkpoints(out / "checkpoints"):
         raise ConfigError(f"--out: {out} already holds a run with checkpoints; pass --resume to continue "
                           f"it, or choose another --out")
-    train(cfg, out, resume=args.resume)
+    train(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
 
 
 def _eval_setup(state: dict, data: str | None):
     """Config, device, validation set and model for evaluating a saved state."""
-    from . import dist
+    from . import checkpoint, dist
     from .config import Config, from_dict
     from .data import build_dataset
     from .models import build_model
@@ -47,7 +59,16 @@ def _eval_setup(state: dict, data: str | None):
     info = dist.init(device)
     set_threads(cfg.train.threads, info)
     val = build_dataset(cfg.data, "val", cfg.train.seed)
-    model = build_model(cfg.model, val.channels, val.num_classes).to(device)
+    trained_on = state.get("class_names")
+    if trained_on is not None and list(val.class_names) != list(trained_on):
+        differ = next((f"{a!r} vs {b!r}" for a, b in zip(trained_on, val.class_names) if a != b),
+                      f"{len(trained_on)} vs {len(val.class_names)} classes")
+        raise ConfigError(f"--data: the checkpoint was trained on other classes than {cfg.data.path or cfg.data.name} "
+                          f"holds ({differ}); evaluate on data with the same class folders")
+    model = build_model(cfg.model, val.channels, len(trained_on) if trained_on else val.num_classes).to(device)
+    if not checkpoint.finite(state):
+        raise checkpoint.CheckpointError("the checkpoint holds non-finite weights (its run diverged); "
+                                         "evaluate an earlier checkpoint")
     return cfg, device, info, val, model
 
 
@@ -67,11 +88,15 @@ def cmd_eval(args) -> None:
 
     state = checkpoint.load(Path(args.checkpoint))
     cfg, device, info, val, model = _eval_setup(state, args.data)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"--data: {args.checkpoint} does not fit this data's model ({str(e).splitlines()[0]})") from None
     batch = args.batch or cfg.train.eval_batch
     result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size),
                       cfg.train.bf16, cfg.train.channels_last)
-    _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result}, None, info.is_main)
+    _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result,
+           "skipped_files": getattr(val, "skipped_files", [])}, None, info.is_main)
     dist.shutdown()
 
 
@@ -237,28 +262,35 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/RECIPE)")
     length = t.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="run length in epochs")
-    length.add_argument("--steps", type=int, help="run length in optimizer steps")
-    t.add_argument("--global-batch", type=int)
-    t.add_argument("--micro-batch", type=int, help="per-process batch per forward pass")
-    t.add_argument("--model")
+    length.add_argument("--steps", type=positive_int, help="run length in optimizer steps")
+    t.add_argument("--global-batch", type=positive_int,
+                   help="images per optimizer step over all processes (sets train.global_batch; the LR follows "
+                        "the recipe's scaling rule)")
+    t.add_argument("--micro-batch", type=positive_int,
+                   help="per-process batch per forward pass; smaller than global / processes means gradient "
+                        "accumulation")
+    t.add_argument("--model", help=f"network (sets model.name): {', '.join(MODEL_NAMES)}")
     t.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image (default: skip it, count it, report it)")
     t.add_argument("--stage-to", metavar="DIR", help="shards: copy them to this node-local directory first")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     t.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoints/last.pt (starts fresh when there is none)")
+                   help="continue from the newest intact checkpoint in OUT/checkpoints (starts fresh when there "
+                        "is none); the config must match the run's, except run length, logging and layout")
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept changes to keys that change what is trained (recorded in run.json)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint; prints JSON with top1/top5")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint file, e.g. OUT/checkpoints/last.pt")
     e.add_argument("--data", help="dataset directory (default: the one the run used)")
-    e.add_argument("--batch", type=int)
+    e.add_argument("--batch", type=positive_int, help="evaluation batch (default: the run's train.eval_batch)")
     e.set_defaults(func=cmd_eval)
 
     en = sub.add_parser("ensemble", help="evaluate snapshots alone and as ensembles of the last k; prints JSON")
     en.add_argument("snapshots", nargs="+", help="snapshot files, oldest first (e.g. OUT/snapshots/*.pt)")
     en.add_argument("--data", help="dataset directory (default: the one the run used)")
-    en.add_argument("--batch", type=int)
+    en.add_argument("--batch", type=positive_int, help="evaluation batch (default: the run's train.eval_batch)")
     en.add_argument("--out", help="also write the JSON here")
     en.set_defaults(func=cmd_ensemble)
 
@@ -338,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of errors too")
     return p
 
 
@@ -345,6 +379,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, UnreadableImage) as e:
-        print(f"largebatch: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (UserError, FileNotFoundError, UnreadableImage) as e:
+        if args.debug:
+            raise
+        print(f"largebatch: error: {_rank_prefix()}{e}", file=sys.stderr, flush=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\nlargebatch: {_rank_prefix()}interrupted; no checkpoint written now (the newest earlier one "
+              f"stays: continue with --resume)", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _rank_prefix() -> str:
+    from . import dist
+    info = dist.info()
+    return f"rank {info.rank}: " if info.world_size > 1 else ""

@@ -7,6 +7,7 @@ rejected with the full key path, before anything trains.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,9 +15,15 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad recipe, override or combination of values; the message names the key."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 and 5e-4 as strings: they need a dot to be floats there.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -189,6 +196,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """0 = at each eval and at the end only."""
     keep_checkpoints: int = 2
+    noise_scale: bool = True
+    """Measure the gradient noise scale (noise_scale.py) where the layout has two batch
+    sizes: several processes, or one process with accumulation."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -260,6 +270,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -296,7 +308,10 @@ def parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot read the value {raw!r} ({getattr(e, 'problem', None) or e})") from None
     out: dict = value
     for part in reversed(key.strip().split(".")):
         if not part:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from .errors import UserError
+
 _LAUNCHERS = (  # (rank, world size, local rank, local world size)
     ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
@@ -130,6 +132,24 @@ def gather_union(items: set) -> list:
     gathered = [None] * td.get_world_size()
     td.all_gather_object(gathered, sorted(items))
     return sorted(set().union(*gathered))
+
+
+def on_main(fn):
+    """Run fn on the main process only; its result, or the UserError it raised, reaches
+    every process, so an error on the main process never leaves the others waiting."""
+    result = error = None
+    if _INFO.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if active():
+        box = [(result, error)]
+        td.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def barrier() -> None:

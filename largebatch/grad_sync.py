@@ -8,6 +8,11 @@ costs twice the bytes and all overlap. With one process both run without DDP.
 
 The training step calls, for every micro-step a, `with sync.micro_step(a): loss = ...`
 then `sync.backward(loss)`, and `sync.finish()` before the optimizer step.
+
+With `measure`, each strategy also keeps the squared norm of a small-batch gradient it
+sees on the way (this process's gradient before the all-reduce, or with one process the
+first micro-batch's) for the gradient noise scale (noise_scale.py); `take_sq_norms()`
+returns it with the squared norm of the global gradient, as device tensors (no sync).
 """
 from __future__ import annotations
 
@@ -22,11 +27,36 @@ from . import dist
 from .config import DistConfig
 
 
-class Bucketed:
-    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig):
+def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
+
+
+class _Measure:
+    """The small-batch squared norm, gathered during the step; shared by both strategies."""
+
+    def __init__(self, model: torch.nn.Module, accum_steps: int, measure: bool):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.measure = measure
+        # with several processes the local gradient is the small one; else the first micro-batch's
+        self.first_micro = measure and not dist.active() and accum_steps > 1
+        self.small_sq = None
+
+    def take_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(small-batch |g|^2 of this process, global |G|^2) of the step just finished."""
+        if not self.measure:
+            return None
+        out, self.small_sq = (self.small_sq, _sq_norm([p.grad for p in self.params])), None
+        return out
+
+
+class Bucketed(_Measure):
+    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig,
+                 measure: bool = False):
+        super().__init__(model, accum_steps, measure)
         self.accum_steps, self.bf16 = accum_steps, cfg.allreduce_bf16
         self.module = model
         self.ddp = None  # kept apart from `module`, which torch.compile may wrap
+        self.micro = 0
         if dist.active():
             self.module = self.ddp = self._ddp(model, device, cfg.bucket_mb)
             self.ddp.register_comm_hook(self, _bucket_hook)
@@ -44,12 +74,15 @@ class Bucketed:
 
     def micro_step(self, a: int):
         """DDP all-reduces during the backward of the last micro-step only."""
+        self.micro = a
         if a < self.accum_steps - 1 and self.ddp is not None:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
+        if self.first_micro and self.micro == 0:  # p.grad holds this micro-batch's gradient / accum_steps
+            self.small_sq = _sq_norm([p.grad for p in self.params]) * self.accum_steps ** 2
 
     def finish(self) -> None:
         pass
@@ -62,6 +95,9 @@ class Bucketed:
         self.first_launch = self.first_launch or now
         self.last_launch = now
         grads = bucket.buffer()
+        if self.measure:  # this process's gradient, before it becomes the global mean
+            sq = torch.linalg.vector_norm(grads).double().square()
+            self.small_sq = sq if self.small_sq is None else self.small_sq + sq
         send = grads.to(torch.bfloat16) if self.bf16 else grads
         send.div_(td.get_world_size())
 
@@ -87,10 +123,11 @@ def _bucket_hook(state: Bucketed, bucket):
     return state._allreduce(bucket)
 
 
-class Exact:
-    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig):
+class Exact(_Measure):
+    def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig,
+                 measure: bool = False):
+        super().__init__(model, accum_steps, measure)
         self.module, self.accum_steps = model, accum_steps
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.sums = None
         self.comm = 0.0
 
@@ -101,15 +138,19 @@ class Exact:
         # Unscaled: dividing by accum_steps here would round differently per layout.
         loss.backward()
         grads = torch.cat([p.grad.reshape(-1).double() for p in self.params])
+        if self.first_micro and self.sums is None:
+            self.small_sq = grads.square().sum()
         self.sums = grads if self.sums is None else self.sums.add_(grads)
         for p in self.params:
             p.grad = None
 
     def finish(self) -> None:
+        if self.measure and dist.active():
+            self.small_sq = (self.sums / self.accum_steps).square().sum()
         t0 = time.perf_counter()
         dist.all_reduce_sum(self.sums)
         self.comm = time.perf_counter() - t0
-        flat = (self.sums / (self.accum_steps * dist.info().world_size)).float()
+        flat = (self.sums / (self.accum_steps * dist.info().world_size)).to(self.params[0].dtype)
         self.sums = None
         offset = 0
         for p in self.params:
@@ -122,5 +163,6 @@ class Exact:
         return out
 
 
-def build(model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig) -> Bucketed | Exact:
-    return (Exact if cfg.exact_reduction else Bucketed)(model, device, accum_steps, cfg)
+def build(model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig,
+          measure: bool = False) -> Bucketed | Exact:
+    return (Exact if cfg.exact_reduction else Bucketed)(model, device, accum_steps, cfg, measure)

@@ -1,8 +1,10 @@
 """What a run writes besides checkpoints: its environment, metrics lines, summary."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import platform
 import socket
 import subprocess
@@ -11,6 +13,19 @@ import time
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """A failed write (a full disk, a read-only directory) is one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.exists() else 0
+        full = " (the disk is full: free space, then resume with --resume)" if e.errno == 28 or free < 1 << 20 else ""
+        raise UserError(f"cannot write {path}: {e.strerror}{full}") from None
 
 
 def environment() -> dict:
@@ -48,9 +63,7 @@ class MetricsLog:
             return
         lines = [line for line in self.path.read_text().splitlines()
                  if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in lines))
 
     def read(self) -> list[dict]:
         if self.path is None or not self.path.exists():
@@ -60,14 +73,25 @@ class MetricsLog:
     def write(self, **record) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
+def write_text(path: Path, text: str) -> None:
+    """Atomically: the old file or the new one, and no temporary left behind on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def write_json(path: Path, obj: dict) -> None:
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def summary_table(summary: dict) -> str:

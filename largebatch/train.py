@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,16 +12,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist, ensemble, grad_sync
-from .config import Config, dump_yaml, to_dict
+from . import checkpoint, dist, ensemble, grad_sync, noise_scale
+from .config import Config, ConfigError, dump_yaml, to_dict
+from .errors import Diverged
+from .rundir import RunLock, config_changes, diff_lines
 from .data import build_dataset, data_channels, default_workers, make_loader, model_input, shards
 from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
 from .evaluate import evaluate
+from .log_window import LogWindow
+from .noise_scale import NoiseScale
 from .preempt import StopRequest
 from .models import TORCHVISION, build_model, group_bn, model_channels
 from .optim import apply_schedule, build_optimizer
 from .optim.schedule import build_phases, phase_at, phase_lr
-from .runlog import MetricsLog, environment, summary_table, write_json
+from .runlog import MetricsLog, environment, summary_table, write_json, write_text
 
 
 def pick_device(info: dist.DistInfo) -> torch.device:
@@ -97,6 +102,9 @@ def setup(cfg: Config, out: Path) -> Run:
     sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
     spe = sampler.steps_per_epoch
     phases = build_phases(cfg, spe)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < train_set.num_classes:
+        raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
+                          f"{train_set.num_classes} classes")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, train_set.channels, train_set.num_classes).to(device)
     if cfg.train.channels_last:
@@ -154,25 +162,81 @@ def train_step(run: Run, batches, loss_fn, timer=NO_TIMER) -> torch.Tensor:
 
 def state_dict(run: Run, step: int, extra: dict) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
-            "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg), **extra}
+            "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg),
+            "class_names": list(run.train_set.class_names), **extra}
 
 
 def save_checkpoint(run: Run, step: int, extra: dict) -> None:
     # the skipped files seen so far travel with the checkpoint, so a resumed run reports them all
     extra = {**extra, "skipped_files": dist.gather_union(run.skipped)}
-    if run.info.is_main:
-        checkpoint.save(state_dict(run, step, extra), run.out / "checkpoints", step, run.cfg.train.keep_checkpoints)
-    dist.barrier()
+    dist.on_main(lambda: checkpoint.save(state_dict(run, step, extra), run.out / "checkpoints", step,
+                                         run.cfg.train.keep_checkpoints))
+
+
+def check_finite(run: Run, step: int, loss: float = 0.0) -> None:
+    """Stop a diverged run before it evaluates, checkpoints or trains on: a non-finite
+    loss, or non-finite weights (which a loss that went bad between logs leaves behind).
+    Called where the loop synchronises anyway (logging, evaluation, checkpoints)."""
+    weights = torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all()
+    if math.isfinite(loss) and bool(weights):
+        return
+    what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights became non-finite"
+    good = checkpoint.step_files(run.out / "checkpoints")
+    raise Diverged(f"training diverged at step {step} (epoch {step / run.sampler.steps_per_epoch:.2f}): {what}. "
+                   f"Nothing was saved from it; the newest checkpoint is "
+                   f"{good[-1] if good else 'none'}. Try a lower peak LR (schedule.peak_lr or schedule.base_lr), "
+                   f"a longer warmup (schedule.warmup_epochs), or LARS (optim.name=lars)")
+
+
+def noise_summary(noise: NoiseScale | None) -> dict:
+    if noise is None:
+        return {"noise_scale": None, "noise_scale_note": "not measured: one process without accumulation has one "
+                "batch size only (set train.micro_batch below the global batch to measure it)"}
+    last = noise.current()
+    return {"noise_scale": noise.run_mean(), "noise_scale_final": last.get("noise_scale"),
+            "grad_sq": last.get("grad_sq"), "trace_cov": last.get("trace_cov"),
+            "noise_batches": [noise.b_small, noise.b_big]}
+
+
+def open_run_dir(run: Run, lock: RunLock, resume: bool, allow_change: bool) -> tuple[Path | None, dict]:
+    """Main process only: lock OUT, clear the debris of killed saves, and on --resume
+    choose the newest intact checkpoint and hold the config to the run's own.
+    Returns (checkpoint to resume from or None, config changes accepted)."""
+    say = lambda msg: print(f"largebatch: {msg}", flush=True)  # noqa: E731
+    taken_over = lock.acquire()
+    if taken_over:
+        say(f"{run.out}: {taken_over}")
+    ckpt_dir = run.out / "checkpoints"
+    for p in checkpoint.remove_partial(ckpt_dir) + checkpoint.remove_partial(run.out / "snapshots"):
+        say(f"removed {p.name}, the partial file of a save that did not finish")
+    if not resume:
+        return None, {}
+    path, _, passed = checkpoint.newest_intact(ckpt_dir)
+    for line in passed:
+        say(f"--resume: passing over {line}")
+    if path is None:
+        if passed:
+            raise checkpoint.CheckpointError(
+                f"--resume: no intact checkpoint in {ckpt_dir} ({len(passed)} damaged); not starting from step 0 "
+                f"over them: move them away to start afresh, or choose another --out")
+        return None, {}
+    saved = run.out / "config.yaml"
+    allowed, refused = config_changes(saved.read_text(), to_dict(run.cfg)) if saved.exists() else ({}, {})
+    if refused and not allow_change:
+        raise ConfigError(f"--resume: the config differs from {saved} in keys that change what is trained: "
+                          f"{diff_lines(refused)}. Start a new run with another --out, or pass "
+                          f"--allow-config-change to continue anyway (it is recorded in run.json)")
+    if allowed or refused:
+        say(f"--resume: config changes: {diff_lines({**allowed, **refused})}")
+    return path, {k: list(v) for k, v in {**allowed, **refused}.items()}
 
 
 def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dict) -> dict:
     """Save the phase's end point as snapshot NN, then evaluate it alone and with the
     earlier snapshots. After a resume the earlier ones are re-read from their files."""
-    if run.info.is_main:
-        meta = {"name": phase.name, "snapshot": phase.snapshot, "start": phase.start, "end": phase.end}
-        checkpoint.atomic_save(state_dict(run, phase.end, {**extra, "phase": meta}),
-                               ensemble.snapshot_path(run.out, phase.snapshot))
-    dist.barrier()
+    meta = {"name": phase.name, "snapshot": phase.snapshot, "start": phase.start, "end": phase.end}
+    dist.on_main(lambda: checkpoint.atomic_save(state_dict(run, phase.end, {**extra, "phase": meta}),
+                                                ensemble.snapshot_path(run.out, phase.snapshot)))
     if members.members < phase.snapshot - 1:
         scratch = build_model(run.cfg.model, run.train_set.channels, run.train_set.num_classes).to(run.device)
         for index in range(members.members + 1, phase.snapshot):
@@ -181,31 +245,53 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
     return members.add(run.model)
 
 
-def train(cfg: Config, out: Path, resume: bool = False) -> dict:
+def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
     out = Path(out)
     run = setup(cfg, out)
-    cfg = run.cfg  # with the hardware-dependent defaults resolved
+    lock, stop = RunLock(out), StopRequest()
+    try:
+        return _train(run, lock, stop, resume, allow_config_change)
+    finally:
+        stop.restore()
+        lock.release()
+
+
+def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_config_change: bool) -> dict:
+    cfg, out = run.cfg, run.out  # with the hardware-dependent defaults resolved
     t, info, spe = cfg.train, run.info, run.sampler.steps_per_epoch
     start, wall_before = 0, 0.0
-    last = checkpoint.latest(out / "checkpoints") if resume else None
+    last, changes = dist.on_main(lambda: open_run_dir(run, lock, resume, allow_config_change))
     if last is not None:
         state = checkpoint.load(last)
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        try:
+            run.model.load_state_dict(state["model"])
+            run.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"--resume: {last} holds another model or optimizer than this config builds "
+                              f"({str(e).splitlines()[0]})") from None
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
         run.skipped.update(state.get("skipped_files", []))
-    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
+    lay = run.layout
+    noise_batches = noise_scale.batches(info.world_size, lay.accum_steps, lay.micro_batch) if t.noise_scale else None
+    noise = NoiseScale(*noise_batches) if noise_batches else None
+    if noise and last is not None and state.get("noise_scale"):
+        noise.load_state_dict(state["noise_scale"])
+    run.sync = grad_sync.build(run.model, run.device, lay.accum_steps, cfg.dist, measure=noise is not None)
     if t.compile:  # the step calls run.sync.module; checkpoints keep using the bare run.model
         run.sync.module = torch.compile(run.sync.module)
-    stop = StopRequest()
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
+        write_text(out / "config.yaml", dump_yaml(cfg))
         write_json(out / "run.json", {**environment(), "processes": info.world_size,
                                       "accum_steps": run.layout.accum_steps,
                                       "micro_batch": run.layout.micro_batch,
                                       "steps_per_epoch": spe, "total_steps": run.total_steps,
-                                      "resumed_from_step": start})
+                                      "resumed_from_step": start,
+                                      "resumed_from": str(last) if last else None,
+                                      "config_changes": changes})
+        val_skipped = getattr(run.val_set, "skipped_files", [])
+        if val_skipped:
+            print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +
+                  "\n  ".join(val_skipped[:20]), flush=True)
     log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
     log.truncate_after(start)  # lines past the checkpoint will be written again
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -219,11 +305,10 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
                                     t.bf16, t.channels_last)
     bar = tqdm(total=run.total_steps, initial=start, disable=None if info.is_main else True,
                unit="step", dynamic_ncols=True)
-    zero = lambda: torch.zeros((), device=run.device)
-    t0 = window_t0 = time.perf_counter()
-    paused = 0.0  # seconds spent evaluating and checkpointing, kept out of images/s
-    window_steps, loss_sum, result = 0, zero(), None
-    comm_sum = [0.0, 0.0]  # communication window, exposed tail (seconds, summed over the log window)
+    t0, result = time.perf_counter(), None
+    window = LogWindow(run.device, run.layout.global_batch, noise)
+    extra = lambda: {"wall_seconds": wall_before + time.perf_counter() - t0,  # noqa: E731
+                     "noise_scale": noise.state_dict() if noise else None}
 
     for step in range(start, run.total_steps):
         phase = phase_at(step, run.phases)
@@ -231,27 +316,27 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
             run.optimizer.state.clear()  # a cycle restarts from the weights alone
         lr = phase_lr(step - phase.start, phase)
         apply_schedule(run.optimizer, lr, phase.weight_decay)
-        loss_sum += train_step(run, batches, loss_fn)
-        comm_sum = [a + b for a, b in zip(comm_sum, run.sync.take_seconds())]
-        window_steps += 1
+        window.add(train_step(run, batches, loss_fn), run.sync.take_sq_norms(), run.sync.take_seconds())
         done = step + 1
         if done % t.log_every_steps == 0 or done == run.total_steps:
-            loss = dist.all_reduce_sum(loss_sum).item() / (info.world_size * window_steps)
-            now = time.perf_counter()
-            ips = window_steps * run.layout.global_batch / (now - window_t0)
-            log.write(step=done, epoch=done / spe, lr=lr, loss=loss, images_per_sec=ips,
-                      step_seconds=(now - window_t0) / window_steps, comm_seconds=comm_sum[0] / window_steps,
-                      comm_exposed_seconds=comm_sum[1] / window_steps)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}")
-            window_t0, window_steps, loss_sum, comm_sum = now, 0, zero(), [0.0, 0.0]
+            record = window.close()
+            if not math.isfinite(record["loss"]):
+                log.write(step=done, epoch=done / spe, lr=lr, diverged=f"loss {record['loss']}")
+                check_finite(run, done, record["loss"])
+            log.write(step=done, epoch=done / spe, lr=lr, **record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{record['images_per_sec']:.0f}",
+                            **({"B_noise": f"{record['noise_scale']:.0f}"} if record.get("noise_scale") else {}))
         bar.update(1)
         is_snapshot = phase.snapshot and done == phase.end
         is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps or is_snapshot
         is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
         pause_t0 = time.perf_counter()
+        signum = stop.agreed(run.device)
+        if is_eval or is_ckpt or signum:
+            check_finite(run, done)  # the weights are the same on every process: all agree
         if is_eval:
             if is_snapshot:
-                result = take_snapshot(run, phase, members, {"wall_seconds": wall_before + time.perf_counter() - t0})
+                result = take_snapshot(run, phase, members, extra())
                 result.update(snapshot=phase.snapshot, phase=phase.name)
             else:
                 result = evaluate_now()
@@ -261,22 +346,17 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
                        f"top-1 {result['ensemble_top1']:.4f}" if is_snapshot else "")
                 bar.write(f"step {done} epoch {done / spe:.2f}: top-1 {result['top1']:.4f} "
                           f"top-5 {result['top5']:.4f}{ens}")
-        signum = stop.agreed(run.device)
         if is_ckpt or signum:
-            save_checkpoint(run, done, {"wall_seconds": wall_before + time.perf_counter() - t0})
+            save_checkpoint(run, done, extra())
         if signum:
             bar.close()
             log.write(step=done, epoch=done / spe, stopped_by_signal=signum)
             if info.is_main:
                 print(f"largebatch: signal {signum}: checkpoint at step {done} written to "
                       f"{out / 'checkpoints'}; continue with --resume", flush=True)
-            stop.restore()
             raise SystemExit(128 + signum)
-        pause = time.perf_counter() - pause_t0
-        paused += pause
-        window_t0 += pause
+        window.pause(time.perf_counter() - pause_t0)
     bar.close()
-    stop.restore()
 
     if result is None:  # resumed at the end: evaluate the final weights
         result = evaluate_now()
@@ -286,8 +366,10 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict:
                "steps": run.total_steps, "global_batch": run.layout.global_batch,
                "processes": info.world_size, "accum_steps": run.layout.accum_steps,
                "micro_batch": run.layout.micro_batch,
-               "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - paused, 1e-9),
-               "wall_seconds": wall, "skipped_files": dist.gather_union(run.skipped)}
+               "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - window.paused, 1e-9),
+               "wall_seconds": wall, "skipped_files": dist.gather_union(run.skipped),
+               "val_skipped_files": getattr(run.val_set, "skipped_files", []),
+               **noise_summary(noise)}
     snapshots = [line for line in log.read() if "snapshot" in line]
     if snapshots:
         summary["snapshots"] = [{k: line[k] for k in ("snapshot", "phase", "step", "top1", "top5", "ensemble_top1",

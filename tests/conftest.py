@@ -32,3 +32,22 @@ def run_cli(*args, env=None, nproc=1, check=True, timeout=600):
         raise AssertionError(f"largebatch {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(bytes) -> a directory on a tmpfs of that size (a disk that fills up)."""
+    mounts = []
+
+    def make(size: int) -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()}); needs root")
+        mounts.append(d)
+        return d
+
+    yield make
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -11,8 +11,8 @@ from typing import Iterable
 import torch
 
 from ..config import ConfigError, DataConfig
-from . import fmnist, shards
-from .folder import ImageFolder
+from . import checks, fmnist, shards
+from .folder import ImageFolder, ImageSet
 from .sampler import BatchSpec
 from .synthetic import Synthetic
 
@@ -41,8 +41,16 @@ class Head:
 
 
 def build_dataset(cfg: DataConfig, split: str, seed: int):
-    """split: 'train' or 'val'."""
+    """split: 'train' or 'val'. Checked before it is used (data/checks.py): labels in
+    range, every training class readable, every validation file readable."""
     ds = _build(cfg, split, seed)
+    where = f"{cfg.path or cfg.name} ({split})"
+    checks.labels_in_range(ds, where)
+    if isinstance(ds, ImageSet):
+        if split == "train":
+            checks.every_class_readable(ds, where)
+        else:
+            ds = checks.readable_validation(ds, cfg.strict)
     return Head(ds, cfg.eval_samples) if split == "val" and cfg.eval_samples else ds
 
 

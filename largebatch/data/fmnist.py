@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import gzip
 import os
+import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +41,24 @@ def download(root: Path) -> None:
     for stem in FILES["train"] + FILES["test"]:
         if _find(root, stem) is None:
             tmp = root / (stem + ".gz.part")
-            urllib.request.urlretrieve(URL + stem + ".gz", tmp)
+            try:
+                urllib.request.urlretrieve(URL + stem + ".gz", tmp)
+            except (urllib.error.URLError, OSError) as e:
+                tmp.unlink(missing_ok=True)
+                raise ConfigError(f"data.download: could not fetch {URL}{stem}.gz ({getattr(e, 'reason', e)}); "
+                                  f"on a machine without internet install dataset-fashion-mnist or copy the "
+                                  f"four IDX .gz files into {root}") from None
             os.replace(tmp, root / (stem + ".gz"))
 
 
 def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ConfigError(f"data.path: {path} cannot be read ({e}); the file is damaged: reinstall "
+                          f"dataset-fashion-mnist or copy the file again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError(f"data.path: {path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
@@ -73,6 +85,10 @@ class FashionMNIST:
         images, labels = (read_idx(_find(root, s)) for s in FILES[split])
         if len(images) != len(labels):
             raise ConfigError(f"data.path: {root}: {len(images)} {split} images but {len(labels)} labels")
+        if labels.size and labels.max() >= len(CLASSES):
+            raise ConfigError(f"data.path: {_find(root, FILES[split][1])} holds label {int(labels.max())}, "
+                              f"outside Fashion-MNIST's {len(CLASSES)} classes (0-{len(CLASSES) - 1}); "
+                              f"the file is damaged or not Fashion-MNIST")
         self.images = torch.from_numpy(images.copy())
         self.labels = torch.from_numpy(labels.astype(np.int64))
         # the training split may augment; per step, BatchSpec.augment decides

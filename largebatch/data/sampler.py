@@ -31,6 +31,9 @@ class Layout:
 
 def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size: int = 0) -> Layout:
     b = train.global_batch
+    if train.micro_batch is None and b % world_size != 0:
+        raise ConfigError(f"train.global_batch ({b}) must be a multiple of the number of processes "
+                          f"({world_size}): each process takes an equal share")
     m = train.micro_batch if train.micro_batch is not None else b // world_size
     if m <= 0 or b % (world_size * m) != 0:
         raise ConfigError(f"train.global_batch ({b}) must be divisible by processes ({world_size}) "

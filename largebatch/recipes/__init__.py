@@ -23,8 +23,16 @@ def load_recipe(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict:
                           f"(recipes: {', '.join(recipe_names())})")
     if str(path) in _seen:
         raise ConfigError(f"recipe {path}: 'base' chain loops back on itself")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"recipe {path}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); "
+                          f"fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level")
     base = data.pop("base", None)

@@ -1,0 +1,49 @@
+"""What the loop sums between two log lines: kept on the device and reduced with one
+all-reduce per log line, so logging adds no host synchronisation per step."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import dist
+from .noise_scale import NoiseScale
+
+
+class LogWindow:
+    def __init__(self, device: torch.device, global_batch: int, noise: NoiseScale | None):
+        self.device, self.global_batch, self.noise = device, global_batch, noise
+        self.paused = 0.0  # seconds of evaluation and checkpoints, kept out of images/s, over the run
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        # loss, small-batch |g|^2, global |G|^2 (summed over steps; the first two over processes too)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.comm = self.comm_exposed = 0.0
+        self.steps, self.t0 = 0, now
+
+    def add(self, loss: torch.Tensor, sq_norms, comm_seconds: tuple[float, float]) -> None:
+        self.sums[0] += loss
+        if sq_norms is not None and sq_norms[0] is not None:
+            self.sums[1] += sq_norms[0]
+            self.sums[2] += sq_norms[1]
+        self.comm += comm_seconds[0]
+        self.comm_exposed += comm_seconds[1]
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+        self.t0 += seconds
+
+    def close(self) -> dict:
+        """The window's log fields (the same on every process); starts the next window."""
+        now = time.perf_counter()
+        loss, small, big = (v / (dist.info().world_size * self.steps) for v in dist.all_reduce_sum(self.sums).tolist())
+        seconds = now - self.t0
+        record = {"loss": loss, "images_per_sec": self.steps * self.global_batch / seconds,
+                  "step_seconds": seconds / self.steps, "comm_seconds": self.comm / self.steps,
+                  "comm_exposed_seconds": self.comm_exposed / self.steps}
+        if self.noise is not None and big > 0:
+            record.update(self.noise.update(small, big))
+        self._reset(now)
+        return record

@@ -1,0 +1,100 @@
+"""The run directory as one run's property: a lock so that two runs never write into the
+same directory, and the rules for what may change when a run is resumed."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+LOCK = ".lock"
+
+# Keys a resumed run may change: how long, how often to log, evaluate and checkpoint,
+# and how the work is laid out and computed. Everything else changes what is trained.
+MAY_CHANGE = ("description", "train.epochs", "train.steps", "train.eval_every_epochs", "train.eval_batch",
+              "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
+              "train.threads", "train.micro_batch", "train.compile", "train.bf16", "train.channels_last",
+              "train.noise_scale",
+              "data.path", "data.stage_to", "data.workers", "data.strict", "data.download", "dist.")
+
+
+class RunDirError(UserError):
+    pass
+
+
+class RunLock:
+    """An advisory lock on OUT/.lock (flock, released by the kernel when the holder dies),
+    holding the holder's host, pid and start time for the message another run prints."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a line when a dead run's lock was taken over."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"--out: cannot use {self.path.parent} as the run directory ({e.strerror}); "
+                              f"choose another --out") from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirError(f"--out: {self.path.parent} is in use by another run ({_holder(previous)}); "
+                              f"wait for it to end or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
+        self.fd = fd
+        return f"took over the lock of a run that ended without releasing it ({_holder(previous)})" \
+            if previous else None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on host {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(saved_yaml: str, new: dict) -> tuple[dict, dict]:
+    """(allowed, refused): key -> (saved value, new value) for every key that differs."""
+    old, now = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(new)
+    allowed, refused = {}, {}
+    for key in sorted(set(old) | set(now)):
+        a, b = old.get(key, "(absent)"), now.get(key, "(absent)")
+        if a != b:
+            ok = any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE)
+            (allowed if ok else refused)[key] = (a, b)
+    return allowed, refused
+
+
+def diff_lines(changes: dict) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
