@@ -177,7 +177,8 @@ def check_finite(run: Run, step: int, loss: float = 0.0) -> None:
     """Stop a diverged run before it evaluates, checkpoints or trains on: a non-finite
     loss, or non-finite weights (which a loss that went bad between logs leaves behind).
     Called where the loop synchronises anyway (logging, evaluation, checkpoints)."""
-    weights = torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all()
+    tensors = [t for t in (*run.model.parameters(), *run.model.buffers()) if t.is_floating_point()]
+    weights = torch.stack([torch.isfinite(t).all() for t in tensors]).all()  # BN statistics too
     if math.isfinite(loss) and bool(weights):
         return
     what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights became non-finite"

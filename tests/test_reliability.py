@@ -61,17 +61,19 @@ def test_divergence_stops_with_exit_3_and_saves_nothing_from_it(tmp_path, capsys
 
 def test_late_divergence_keeps_the_good_checkpoints(tmp_path, capsys, fmnist_dir):
     out = tmp_path / "run"
-    # the LR is multiplied by 1e5 from step 25 on: steps 10 and 20 are good, then it blows up
+    # the LR is multiplied by 1e5 from step 25 on: it blows up a few steps later
     late = [*TINY, "--set", "schedule.decay=step", "--set", f"schedule.milestones=[{25 / 937}]",
             "--set", "schedule.gamma=100000.0", "--set", "train.checkpoint_every_steps=10",
             "--set", "train.keep_checkpoints=2", "--steps", "60", "--out", out]
     code, err = cli(capsys, "train", *late)
-    assert code == 3 and "step-00000020.pt" in err
+    assert code == 3
     files = checkpoint.step_files(out / "checkpoints")
-    assert [p.name for p in files] == ["step-00000010.pt", "step-00000020.pt"]
+    assert len(files) == 2 and str(files[-1]) in err  # the message names the newest good one
     assert all(checkpoint.finite(checkpoint.load(p)) for p in files)
-    code, err = cli(capsys, "train", *late, "--resume")  # resumes from step 20, diverges again
-    assert code == 3 and json.loads((out / "run.json").read_text())["resumed_from_step"] == 20
+    good = checkpoint.load(files[-1])["step"]
+    assert good >= 20 and good % 10 == 0
+    code, err = cli(capsys, "train", *late, "--resume")  # resumes from the newest good one, diverges again
+    assert code == 3 and json.loads((out / "run.json").read_text())["resumed_from_step"] == good
 
 
 def test_eval_refuses_non_finite_weights(tmp_path, capsys, fmnist_dir):
