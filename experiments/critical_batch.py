@@ -12,6 +12,7 @@ there is never trained again, so the study continues across machines and session
     python experiments/critical_batch.py --list        # the plan, with what is done
     python experiments/critical_batch.py --report      # only regenerate the report from results
     python experiments/critical_batch.py --max-runs 1  # train at most one missing run
+    python experiments/critical_batch.py --save-partial  # keep unfinished runs' checkpoints in git
 
 Recipe (fixed for every batch, so only LR and warmup vary): fmnist-baseline (ResNet-8,
 bf16, no augmentation, wd 5e-4 off BN and biases, BN over groups of 32 samples) with
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import ROOT, train
+from largebatch import checkpoint
 
 RESULTS = ROOT / "experiments/results/critical_batch"
 RUNS = ROOT / "runs/critical_batch"
@@ -119,9 +121,30 @@ def results_of(run: Run) -> dict | None:
             "evals": [x for x in lines if x.get("eval")]}
 
 
+PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committed when a session ends
+
+
+def save_partial(run: Run) -> None:
+    """Keep an unfinished run's state in the repository (its newest checkpoint is under
+    a megabyte for ResNet-8), so the next machine resumes it instead of starting over."""
+    out, dest = RUNS / run.name, PARTIAL / run.name
+    newest = checkpoint.step_files(out / "checkpoints")[-1:]
+    if not newest:
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "checkpoints").mkdir(parents=True)
+    for f in ("config.yaml", "run.json", "metrics.jsonl"):
+        shutil.copy(out / f, dest / f)
+    for f in (newest[0], newest[0].with_name(newest[0].name + checkpoint.DIGEST)):
+        shutil.copy(f, dest / "checkpoints" / f.name)
+
+
 def run_one(run: Run) -> None:
     out = RUNS / run.name
+    if not out.exists() and (PARTIAL / run.name).exists():
+        shutil.copytree(PARTIAL / run.name, out)  # resumed from the committed checkpoint
     train(out, run.cli())
+    shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
     dest = RESULTS / run.name
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("summary.json", "metrics.jsonl", "config.yaml", "run.json"):
@@ -238,8 +261,16 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--report", action="store_true")
     p.add_argument("--max-runs", type=int, default=0)
+    p.add_argument("--save-partial", action="store_true",
+                   help="copy unfinished runs' newest checkpoints under results/partial (before a machine goes away)")
     a = p.parse_args()
     runs = plan()
+    if a.save_partial:
+        for r in runs:
+            if results_of(r) is None and (RUNS / r.name / "checkpoints").exists():
+                save_partial(r)
+                print(f"saved {r.name}")
+        return
     if a.list:
         for r in runs:
             res = results_of(r)
