@@ -143,6 +143,14 @@ class PhaseConfig:
     """Start the phase with empty momentum buffers (the authors restarted each cycle)."""
     snapshot: bool = True
     """Save OUT/snapshots/NN.pt at the phase end and add it to the ensemble."""
+    global_batch: int | None = None
+    """This phase's global batch (batch-size control); None = train.global_batch. The
+    batch may change only where a whole epoch ends, so every sample is still seen once
+    per epoch; train.micro_batch, when set, stays, and accumulation takes the change."""
+    scale_lr: bool = True
+    """Scale this phase's LR with its batch (the recipe's rule, relative to
+    train.global_batch); false keeps the LR of train.global_batch, so a larger batch
+    stands in for a smaller LR (Smith et al. 2018)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -370,6 +378,7 @@ def validate(cfg: Config) -> None:
         need(p.epochs > 0, f"phases[{i}].epochs must be positive")
         need(0 <= p.warmup_epochs <= p.epochs, f"phases[{i}].warmup_epochs must be within the phase")
         need(p.peak >= 0 and p.warmup_start >= 0, f"phases[{i}]: peak and warmup_start must be >= 0")
+        need(p.global_batch is None or p.global_batch > 0, f"phases[{i}].global_batch must be positive")
     e = cfg.ensemble
     need(e.cycles >= 0, "ensemble.cycles must be >= 0")
     need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,

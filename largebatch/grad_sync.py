@@ -34,16 +34,22 @@ def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 class _Measure:
     """The small-batch squared norm, gathered during the step; shared by both strategies."""
 
-    def __init__(self, model: torch.nn.Module, accum_steps: int, measure: bool):
+    accum_steps: int  # may change between steps (batch-size control)
+
+    def __init__(self, model: torch.nn.Module, measure: bool):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.measure = measure
-        # with several processes the local gradient is the small one; else the first micro-batch's
-        self.first_micro = measure and not dist.active() and accum_steps > 1
         self.small_sq = None
 
+    @property
+    def first_micro(self) -> bool:
+        """With several processes the local gradient is the small one; else the first micro-batch's."""
+        return self.measure and not dist.active() and self.accum_steps > 1
+
     def take_sq_norms(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(small-batch |g|^2 of this process, global |G|^2) of the step just finished."""
-        if not self.measure:
+        """(small-batch |g|^2 of this process, global |G|^2) of the step just finished; None
+        where the step had one batch size only (one process, no accumulation)."""
+        if self.small_sq is None:
             return None
         out, self.small_sq = (self.small_sq, _sq_norm([p.grad for p in self.params])), None
         return out
@@ -52,7 +58,7 @@ class _Measure:
 class Bucketed(_Measure):
     def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig,
                  measure: bool = False):
-        super().__init__(model, accum_steps, measure)
+        super().__init__(model, measure)
         self.accum_steps, self.bf16 = accum_steps, cfg.allreduce_bf16
         self.module = model
         self.ddp = None  # kept apart from `module`, which torch.compile may wrap
@@ -126,7 +132,7 @@ def _bucket_hook(state: Bucketed, bucket):
 class Exact(_Measure):
     def __init__(self, model: torch.nn.Module, device: torch.device, accum_steps: int, cfg: DistConfig,
                  measure: bool = False):
-        super().__init__(model, accum_steps, measure)
+        super().__init__(model, measure)
         self.module, self.accum_steps = model, accum_steps
         self.sums = None
         self.comm = 0.0

@@ -1,5 +1,6 @@
 """What the loop sums between two log lines: kept on the device and reduced with one
-all-reduce per log line, so logging adds no host synchronisation per step."""
+all-reduce per log line, so logging adds no host synchronisation per step. A window
+never spans a change of the global batch (the loop closes it there)."""
 from __future__ import annotations
 
 import time
@@ -7,26 +8,28 @@ import time
 import torch
 
 from . import dist
-from .noise_scale import NoiseScale
+from .data.sampler import Layout
+from .noise_scale import NoiseScale, batches
 
 
 class LogWindow:
-    def __init__(self, device: torch.device, global_batch: int, noise: NoiseScale | None):
-        self.device, self.global_batch, self.noise = device, global_batch, noise
+    def __init__(self, device: torch.device, noise: NoiseScale | None):
+        self.device, self.noise = device, noise
         self.paused = 0.0  # seconds of evaluation and checkpoints, kept out of images/s, over the run
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
-        # loss, small-batch |g|^2, global |G|^2 (summed over steps; the first two over processes too)
-        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # loss, small-batch |g|^2, global |G|^2, measured steps (summed over steps and processes)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         self.comm = self.comm_exposed = 0.0
         self.steps, self.t0 = 0, now
 
     def add(self, loss: torch.Tensor, sq_norms, comm_seconds: tuple[float, float]) -> None:
         self.sums[0] += loss
-        if sq_norms is not None and sq_norms[0] is not None:
+        if sq_norms is not None:
             self.sums[1] += sq_norms[0]
             self.sums[2] += sq_norms[1]
+            self.sums[3] += 1
         self.comm += comm_seconds[0]
         self.comm_exposed += comm_seconds[1]
         self.steps += 1
@@ -35,15 +38,17 @@ class LogWindow:
         self.paused += seconds
         self.t0 += seconds
 
-    def close(self) -> dict:
+    def close(self, layout: Layout) -> dict:
         """The window's log fields (the same on every process); starts the next window."""
         now = time.perf_counter()
-        loss, small, big = (v / (dist.info().world_size * self.steps) for v in dist.all_reduce_sum(self.sums).tolist())
+        loss, small, big, measured = dist.all_reduce_sum(self.sums).tolist()
         seconds = now - self.t0
-        record = {"loss": loss, "images_per_sec": self.steps * self.global_batch / seconds,
+        record = {"loss": loss / (dist.info().world_size * self.steps), "global_batch": layout.global_batch,
+                  "images_per_sec": self.steps * layout.global_batch / seconds,
                   "step_seconds": seconds / self.steps, "comm_seconds": self.comm / self.steps,
                   "comm_exposed_seconds": self.comm_exposed / self.steps}
-        if self.noise is not None and big > 0:
-            record.update(self.noise.update(small, big))
+        pair = batches(layout.world_size, layout.accum_steps, layout.micro_batch)
+        if self.noise is not None and measured and pair:
+            record.update(self.noise.update(small / measured, big / measured, *pair))
         self._reset(now)
         return record

@@ -42,24 +42,28 @@ def two_batch(small_sq: float, big_sq: float, b_small: int, b_big: int) -> Estim
 
 
 class NoiseScale:
-    """Smoothed estimates from the mean squared norms of successive log windows."""
+    """Smoothed estimates from the mean squared norms of successive log windows. The two
+    batch sizes may differ from window to window (batch-size control): |G|^2 and
+    tr(Sigma) are properties of the problem, not of the batch."""
 
-    def __init__(self, b_small: int, b_big: int, decay: float = 0.9):
-        if not 0 < b_small < b_big:
-            raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
-        self.b_small, self.b_big, self.decay = b_small, b_big, decay
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.batches: tuple[int, int] | None = None  # of the last window
         self._g = self._s = self._weight = 0.0
         self._sum_g = self._sum_s = 0.0
 
-    def update(self, small_sq: float, big_sq: float) -> dict:
+    def update(self, small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
         """One log window's mean |G_small|^2 and |G_big|^2; returns the smoothed values."""
-        e = two_batch(small_sq, big_sq, self.b_small, self.b_big)
+        if not 0 < b_small < b_big:
+            raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
+        e = two_batch(small_sq, big_sq, b_small, b_big)
         d = self.decay
         self._g = d * self._g + (1 - d) * e.grad_sq
         self._s = d * self._s + (1 - d) * e.trace_cov
         self._weight = d * self._weight + (1 - d)
         self._sum_g += e.grad_sq
         self._sum_s += e.trace_cov
+        self.batches = (b_small, b_big)
         return self.current()
 
     def current(self) -> dict:
@@ -67,11 +71,11 @@ class NoiseScale:
             return {}
         smooth = Estimate(self._g / self._weight, self._s / self._weight)
         return {"grad_sq": smooth.grad_sq, "trace_cov": smooth.trace_cov, "noise_scale": smooth.noise_scale,
-                "noise_batches": [self.b_small, self.b_big]}
+                "noise_batches": list(self.batches)}
 
     def run_mean(self) -> float | None:
         """B_simple from the whole run's averages (what summary.json reports)."""
-        return Estimate(self._sum_g, self._sum_s).noise_scale
+        return Estimate(self._sum_g, self._sum_s).noise_scale if self._weight else None
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s")}

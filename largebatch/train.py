@@ -51,7 +51,7 @@ class Run:
     out: Path
     device: torch.device
     info: dist.DistInfo
-    layout: Layout
+    layout: Layout              # of the current step: phases may change the global batch
     model: torch.nn.Module      # the bare model (checkpoints, eval)
     optimizer: torch.optim.Optimizer
     sampler: GlobalBatchSampler
@@ -90,6 +90,9 @@ def setup(cfg: Config, out: Path) -> Run:
     set_threads(cfg.train.threads, info)
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
+    layouts = {b: resolve_layout(dataclasses.replace(cfg.train, global_batch=b), info.world_size, info.rank,
+                                 cfg.model.bn_group_size)
+               for b in {layout.global_batch, *(p.global_batch for p in cfg.phases if p.global_batch)}}
     model_channels(cfg.model, data_channels(cfg.data))
     data = cfg.data
     if data.stage_to:  # one copy per node, by its first process
@@ -100,8 +103,11 @@ def setup(cfg: Config, out: Path) -> Run:
     train_set = build_dataset(data, "train", cfg.train.seed)
     val_set = build_dataset(data, "val", cfg.train.seed)
     sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
-    spe = sampler.steps_per_epoch
-    phases = build_phases(cfg, spe)
+    phases = build_phases(cfg, sampler.steps_per_epoch, len(train_set))
+    changes = [(p.start, layouts[p.global_batch]) for i, p in enumerate(phases)
+               if i == 0 or p.global_batch != phases[i - 1].global_batch]
+    if len(changes) > 1:  # batch-size control: the sampler follows the phases' batches
+        sampler = GlobalBatchSampler(len(train_set), changes, cfg.train.seed)
     if cfg.model.num_classes is not None and cfg.model.num_classes < train_set.num_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
                           f"{train_set.num_classes} classes")
@@ -162,7 +168,7 @@ def train_step(run: Run, batches, loss_fn, timer=NO_TIMER) -> torch.Tensor:
 
 def state_dict(run: Run, step: int, extra: dict) -> dict:
     return {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": step,
-            "epoch": step / run.sampler.steps_per_epoch, "config": to_dict(run.cfg),
+            "epoch": run.sampler.epoch_at(step), "config": to_dict(run.cfg),
             "class_names": list(run.train_set.class_names), **extra}
 
 
@@ -183,20 +189,19 @@ def check_finite(run: Run, step: int, loss: float = 0.0) -> None:
         return
     what = f"the loss is {loss}" if not math.isfinite(loss) else "the weights became non-finite"
     good = checkpoint.step_files(run.out / "checkpoints")
-    raise Diverged(f"training diverged at step {step} (epoch {step / run.sampler.steps_per_epoch:.2f}): {what}. "
+    raise Diverged(f"training diverged at step {step} (epoch {run.sampler.epoch_at(step):.2f}): {what}. "
                    f"Nothing was saved from it; the newest checkpoint is "
                    f"{good[-1] if good else 'none'}. Try a lower peak LR (schedule.peak_lr or schedule.base_lr), "
                    f"a longer warmup (schedule.warmup_epochs), or LARS (optim.name=lars)")
 
 
 def noise_summary(noise: NoiseScale | None) -> dict:
-    if noise is None:
+    last = noise.current() if noise is not None else {}
+    if not last:
         return {"noise_scale": None, "noise_scale_note": "not measured: one process without accumulation has one "
                 "batch size only (set train.micro_batch below the global batch to measure it)"}
-    last = noise.current()
-    return {"noise_scale": noise.run_mean(), "noise_scale_final": last.get("noise_scale"),
-            "grad_sq": last.get("grad_sq"), "trace_cov": last.get("trace_cov"),
-            "noise_batches": [noise.b_small, noise.b_big]}
+    return {"noise_scale": noise.run_mean(), "noise_scale_final": last["noise_scale"],
+            "grad_sq": last["grad_sq"], "trace_cov": last["trace_cov"], "noise_batches": last["noise_batches"]}
 
 
 def open_run_dir(run: Run, lock: RunLock, resume: bool, allow_change: bool) -> tuple[Path | None, dict]:
@@ -259,7 +264,7 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
 
 def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_config_change: bool) -> dict:
     cfg, out = run.cfg, run.out  # with the hardware-dependent defaults resolved
-    t, info, spe = cfg.train, run.info, run.sampler.steps_per_epoch
+    t, info, sampler = cfg.train, run.info, run.sampler
     start, wall_before = 0, 0.0
     last, changes = dist.on_main(lambda: open_run_dir(run, lock, resume, allow_config_change))
     if last is not None:
@@ -272,12 +277,10 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
                               f"({str(e).splitlines()[0]})") from None
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
         run.skipped.update(state.get("skipped_files", []))
-    lay = run.layout
-    noise_batches = noise_scale.batches(info.world_size, lay.accum_steps, lay.micro_batch) if t.noise_scale else None
-    noise = NoiseScale(*noise_batches) if noise_batches else None
+    noise = NoiseScale() if t.noise_scale else None
     if noise and last is not None and state.get("noise_scale"):
         noise.load_state_dict(state["noise_scale"])
-    run.sync = grad_sync.build(run.model, run.device, lay.accum_steps, cfg.dist, measure=noise is not None)
+    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist, measure=noise is not None)
     if t.compile:  # the step calls run.sync.module; checkpoints keep using the bare run.model
         run.sync.module = torch.compile(run.sync.module)
     if info.is_main:
@@ -285,7 +288,9 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
         write_json(out / "run.json", {**environment(), "processes": info.world_size,
                                       "accum_steps": run.layout.accum_steps,
                                       "micro_batch": run.layout.micro_batch,
-                                      "steps_per_epoch": spe, "total_steps": run.total_steps,
+                                      "steps_per_epoch": sampler.steps_per_epoch, "total_steps": run.total_steps,
+                                      "global_batch_from_step": {s.start: s.layout.global_batch
+                                                                 for s in sampler.segments},
                                       "resumed_from_step": start,
                                       "resumed_from": str(last) if last else None,
                                       "config_changes": changes})
@@ -301,13 +306,17 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
                                run.workers, run.device))
     members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers, t.bf16,
                                        t.channels_last)
-    eval_every = max(1, int(round(t.eval_every_epochs * spe))) if t.eval_every_epochs > 0 else 0
+    def eval_due(done: int) -> bool:  # every eval_every_epochs, counted in the batch segment's steps
+        seg = sampler.segment_at(done - 1)
+        every = max(1, int(round(t.eval_every_epochs * seg.steps_per_epoch)))
+        return t.eval_every_epochs > 0 and (done - seg.start) % every == 0
+
     evaluate_now = lambda: evaluate(run.model, run.val_set, t.eval_batch, run.device, run.workers,
                                     t.bf16, t.channels_last)
     bar = tqdm(total=run.total_steps, initial=start, disable=None if info.is_main else True,
                unit="step", dynamic_ncols=True)
     t0, result = time.perf_counter(), None
-    window = LogWindow(run.device, run.layout.global_batch, noise)
+    window = LogWindow(run.device, noise)
     extra = lambda: {"wall_seconds": wall_before + time.perf_counter() - t0,  # noqa: E731
                      "noise_scale": noise.state_dict() if noise else None}
 
@@ -317,19 +326,22 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
             run.optimizer.state.clear()  # a cycle restarts from the weights alone
         lr = phase_lr(step - phase.start, phase)
         apply_schedule(run.optimizer, lr, phase.weight_decay)
+        run.layout = sampler.segment_at(step).layout  # phases may change the global batch
+        run.sync.accum_steps = run.layout.accum_steps
         window.add(train_step(run, batches, loss_fn), run.sync.take_sq_norms(), run.sync.take_seconds())
-        done = step + 1
-        if done % t.log_every_steps == 0 or done == run.total_steps:
-            record = window.close()
+        done, epoch = step + 1, sampler.epoch_at(step + 1)
+        batch_ends = sampler.segment_at(done).layout is not run.layout
+        if done % t.log_every_steps == 0 or done == run.total_steps or batch_ends:
+            record = window.close(run.layout)
             if not math.isfinite(record["loss"]):
-                log.write(step=done, epoch=done / spe, lr=lr, diverged=f"loss {record['loss']}")
+                log.write(step=done, epoch=epoch, lr=lr, diverged=f"loss {record['loss']}")
                 check_finite(run, done, record["loss"])
-            log.write(step=done, epoch=done / spe, lr=lr, **record)
+            log.write(step=done, epoch=epoch, lr=lr, **record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{record['images_per_sec']:.0f}",
                             **({"B_noise": f"{record['noise_scale']:.0f}"} if record.get("noise_scale") else {}))
         bar.update(1)
         is_snapshot = phase.snapshot and done == phase.end
-        is_eval = (eval_every and done % eval_every == 0) or done == run.total_steps or is_snapshot
+        is_eval = eval_due(done) or done == run.total_steps or is_snapshot
         is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
         pause_t0 = time.perf_counter()
         signum = stop.agreed(run.device)
@@ -341,17 +353,17 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
                 result.update(snapshot=phase.snapshot, phase=phase.name)
             else:
                 result = evaluate_now()
-            log.write(step=done, epoch=done / spe, lr=lr, eval=True, **result)
+            log.write(step=done, epoch=epoch, lr=lr, eval=True, **result)
             if info.is_main:
                 ens = (f"; snapshot {phase.snapshot} ({phase.name}), ensemble of {result['ensemble_members']}: "
                        f"top-1 {result['ensemble_top1']:.4f}" if is_snapshot else "")
-                bar.write(f"step {done} epoch {done / spe:.2f}: top-1 {result['top1']:.4f} "
+                bar.write(f"step {done} epoch {epoch:.2f}: top-1 {result['top1']:.4f} "
                           f"top-5 {result['top5']:.4f}{ens}")
         if is_ckpt or signum:
             save_checkpoint(run, done, extra())
         if signum:
             bar.close()
-            log.write(step=done, epoch=done / spe, stopped_by_signal=signum)
+            log.write(step=done, epoch=epoch, stopped_by_signal=signum)
             if info.is_main:
                 print(f"largebatch: signal {signum}: checkpoint at step {done} written to "
                       f"{out / 'checkpoints'}; continue with --resume", flush=True)
@@ -362,12 +374,12 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
     if result is None:  # resumed at the end: evaluate the final weights
         result = evaluate_now()
     wall = wall_before + time.perf_counter() - t0
-    steps_run = max(run.total_steps - start, 0)
-    summary = {"top1": result["top1"], "top5": result["top5"], "epochs": run.total_steps / spe,
-               "steps": run.total_steps, "global_batch": run.layout.global_batch,
-               "processes": info.world_size, "accum_steps": run.layout.accum_steps,
-               "micro_batch": run.layout.micro_batch,
-               "images_per_sec": steps_run * run.layout.global_batch / max(time.perf_counter() - t0 - window.paused, 1e-9),
+    final = sampler.segments[-1].layout
+    summary = {"top1": result["top1"], "top5": result["top5"], "epochs": sampler.epoch_at(run.total_steps),
+               "steps": run.total_steps, "global_batch": final.global_batch,
+               "global_batches": [s.layout.global_batch for s in sampler.segments],
+               "processes": info.world_size, "accum_steps": final.accum_steps, "micro_batch": final.micro_batch,
+               "images_per_sec": sampler.images(start, run.total_steps) / max(time.perf_counter() - t0 - window.paused, 1e-9),
                "wall_seconds": wall, "skipped_files": dist.gather_union(run.skipped),
                "val_skipped_files": getattr(run.val_set, "skipped_files", []),
                **noise_summary(noise)}

@@ -52,7 +52,7 @@ def test_measured_in_the_step_under_accumulation(exact):
         model.weight.copy_(w[None])
     accum, micro = 4, 16
     sync = grad_sync.build(model, torch.device("cpu"), accum, DistConfig(exact_reduction=exact), measure=True)
-    noise = NoiseScale(*batches(1, accum, micro), decay=0.99)
+    noise = NoiseScale(decay=0.99)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3000):
         for a in range(accum):
@@ -62,7 +62,7 @@ def test_measured_in_the_step_under_accumulation(exact):
             sync.backward(loss)
         sync.finish()
         small, big = sync.take_sq_norms()
-        noise.update(float(small), float(big))
+        noise.update(float(small), float(big), *batches(1, accum, micro))
         model.zero_grad(set_to_none=True)
     assert noise.run_mean() == pytest.approx(tr / g2, rel=0.1)
 

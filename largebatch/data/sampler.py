@@ -63,25 +63,65 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=g)
 
 
-class GlobalBatchSampler:
-    """Yields this process's micro-batches, in order, for steps [start, stop)."""
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Steps with one global batch: from `start` (a step), beginning at whole epoch `epoch`."""
+    start: int
+    epoch: int
+    layout: Layout
+    steps_per_epoch: int
 
-    def __init__(self, num_samples: int, layout: Layout, seed: int):
-        self.num_samples = num_samples
-        self.layout = layout
-        self.seed = seed
-        self.steps_per_epoch = num_samples // layout.global_batch
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.global_batch ({layout.global_batch}) is larger than the "
-                              f"training set ({num_samples} samples)")
+
+class GlobalBatchSampler:
+    """Yields this process's micro-batches, in order, for steps [start, stop).
+
+    `layouts` is one Layout, or (first step, Layout) pairs when the global batch changes
+    during the run (batch-size control); a change falls on a whole epoch, so each epoch
+    is one permutation cut into batches of one size."""
+
+    def __init__(self, num_samples: int, layouts: Layout | list[tuple[int, Layout]], seed: int):
+        self.num_samples, self.seed = num_samples, seed
+        pairs = [(0, layouts)] if isinstance(layouts, Layout) else list(layouts)
+        self.segments: list[Segment] = []
+        for start, lay in pairs:
+            spe = num_samples // lay.global_batch
+            if spe == 0:
+                raise ConfigError(f"train.global_batch ({lay.global_batch}) is larger than the "
+                                  f"training set ({num_samples} samples)")
+            epoch = 0
+            if self.segments:
+                prev = self.segments[-1]
+                epoch = prev.epoch + (start - prev.start) // prev.steps_per_epoch
+            self.segments.append(Segment(start, epoch, lay, spe))
+        self.layout = self.segments[0].layout
+        self.steps_per_epoch = self.segments[0].steps_per_epoch
+
+    def segment_at(self, step: int) -> Segment:
+        current = self.segments[0]
+        for seg in self.segments:
+            if seg.start <= step:
+                current = seg
+        return current
+
+    def epoch_at(self, step: int) -> float:
+        """Epochs done after `step` steps."""
+        seg = self.segment_at(step)
+        return seg.epoch + (step - seg.start) / seg.steps_per_epoch
+
+    def images(self, start: int, stop: int) -> int:
+        """Samples in steps [start, stop)."""
+        return sum(max(0, min(stop, nxt) - max(start, seg.start)) * seg.layout.global_batch
+                   for seg, nxt in zip(self.segments, [s.start for s in self.segments[1:]] + [stop]))
 
     def micro_batches(self, start: int, stop: int,
                       augment: Callable[[int], bool] = lambda step: True) -> Iterator[BatchSpec]:
         """`augment(step)` says whether the samples of that step are augmented."""
-        lay = self.layout
         epoch, perm = -1, None
         for step in range(start, stop):
-            e, s = divmod(step, self.steps_per_epoch)
+            seg = self.segment_at(step)
+            lay = seg.layout
+            k, s = divmod(step - seg.start, seg.steps_per_epoch)
+            e = seg.epoch + k
             if e != epoch:
                 epoch, perm = e, epoch_permutation(self.num_samples, self.seed, e)
             base = s * lay.global_batch

@@ -31,6 +31,7 @@ class Phase:
     augment: bool = True
     reset_momentum: bool = False
     snapshot: int = 0     # snapshot number taken at the phase end; 0 = none
+    global_batch: int = 0  # this phase's global batch; 0 = train.global_batch
 
     @property
     def end(self) -> int:
@@ -135,21 +136,37 @@ def _phase(pc: PhaseConfig, start: int, peak: float, weight_decay: float, steps,
                  reset_momentum=pc.reset_momentum, snapshot=snapshot)
 
 
-def build_phases(cfg: Config, steps_per_epoch: int) -> list[Phase]:
+def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = None) -> list[Phase]:
     """Phases in steps. Boundaries are rounded from cumulative epochs, so rounding never
-    drifts; the run lasts until the last phase ends."""
+    drifts; the run lasts until the last phase ends. A phase with its own global batch
+    counts its steps with its own steps per epoch (num_samples // batch); the batch may
+    change only at a whole epoch."""
     t = cfg.train
+    num_samples = num_samples or steps_per_epoch * t.global_batch
     total_epochs = t.steps / steps_per_epoch if t.steps is not None else t.epochs
     configs = phase_configs(cfg, total_epochs)
     phases, elapsed, snapshots = [], 0.0, 0
+    seg_step, seg_epoch, batch = 0, 0.0, t.global_batch  # where the current batch began
     for i, pc in enumerate(configs):
-        start = int(round(elapsed * steps_per_epoch))
+        want = pc.global_batch or t.global_batch
+        if want != batch:
+            if abs(elapsed - round(elapsed)) > 1e-6:
+                raise ConfigError(f"phases[{i}].global_batch: the batch may change only at a whole epoch, "
+                                  f"and phase {i} starts at epoch {elapsed:g}")
+            seg_step, seg_epoch, batch = phases[-1].end if phases else 0, elapsed, want
+        spe = num_samples // batch
+        if spe == 0:
+            raise ConfigError(f"phases[{i}].global_batch ({batch}) is larger than the training set "
+                              f"({num_samples} samples)")
+        steps = lambda ep, spe=spe: int(round(ep * spe))  # noqa: E731
+        start = seg_step + steps(elapsed - seg_epoch)
         elapsed += pc.epochs
-        stop = max(int(round(elapsed * steps_per_epoch)), start + 1)
+        stop = max(seg_step + steps(elapsed - seg_epoch), start + 1)
         snapshots += pc.snapshot
-        phase = _phase(pc, start, peak_lr(cfg), cfg.optim.weight_decay,
-                       lambda ep: int(round(ep * steps_per_epoch)), stop - start, cfg.data.augment,
-                       snapshots if pc.snapshot else 0)
+        scale = batch / t.global_batch if pc.scale_lr else 1.0
+        phase = _phase(pc, start, peak_lr(cfg) * scale, cfg.optim.weight_decay, steps, stop - start,
+                       cfg.data.augment, snapshots if pc.snapshot else 0)
+        phase = dataclasses.replace(phase, global_batch=batch)
         if phase.warmup_steps > phase.steps:
             key = f"phases[{i}].warmup_epochs" if cfg.phases else "schedule.warmup_epochs"
             raise ConfigError(f"{key} ({pc.warmup_epochs} epochs = {phase.warmup_steps} steps) is longer "
