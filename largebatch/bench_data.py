@@ -55,9 +55,18 @@ def bench_data(src: Path, workers: int = 1, batch: int = 64, images: int = 0, re
         raise ConfigError(f"bench-data: {src} has no train/ folder (expected SRC/train/CLASS/*.jpg)")
     cfg = DataConfig(name="folder", path=str(src), image_size=image_size)
     folder = ImageFolder(src, "train", cfg, seed=0, train=True)
-    n = min(images or len(folder), len(folder))
-    order = np.random.default_rng(0).permutation(len(folder))[:n]
-    result = {"source": str(src), "images": n, "batch": batch, "workers": workers, "image_size": image_size}
+    # Unreadable files are timed by nobody: packing skips them, and torchvision's loader
+    # would stop at them. Shard k is the k-th readable file of the folder, in scan order.
+    readable, skipped = [], []
+    for k in range(len(folder)):
+        (skipped if folder.unreadable(k) else readable).append(k)
+    n = min(images or len(readable), len(readable))
+    if n == 0:
+        raise ConfigError(f"bench-data: no readable image under {src / 'train'}")
+    positions = np.random.default_rng(0).permutation(len(readable))[:n]
+    order = np.asarray(readable)[positions]
+    result = {"source": str(src), "images": n, "batch": batch, "workers": workers, "image_size": image_size,
+              "skipped_files": [folder.name(k) for k in skipped]}
     with tempfile.TemporaryDirectory() as tmp:
         if shards is None:
             t0 = time.perf_counter()
@@ -67,14 +76,14 @@ def bench_data(src: Path, workers: int = 1, batch: int = 64, images: int = 0, re
             result["shards_resize_shorter"] = resize_shorter
         packed = Shards(Path(shards), "train", DataConfig(name="shards", path=str(shards),
                                                            image_size=image_size), seed=0, train=True)
-        if len(packed) != len(folder):
-            raise ConfigError(f"bench-data: the shards hold {len(packed)} samples, the folder {len(folder)} "
-                              f"(unreadable files are skipped when packing; benchmark a tree without them)")
+        if len(packed) != len(readable):
+            raise ConfigError(f"bench-data: the shards hold {len(packed)} samples, the folder {len(readable)} "
+                              f"readable ones: pass shards packed from this folder, or none")
         runs = {"folder": [], "shards": [], "torchvision": []}
         for _ in range(repeats):  # interleaved, so that a noisy neighbour hits all three alike
             runs["torchvision"].append(_torchvision(src / "train", order, batch, workers, image_size))
             runs["folder"].append(_ours(folder, order, batch, workers))
-            runs["shards"].append(_ours(packed, order, batch, workers))
+            runs["shards"].append(_ours(packed, positions, batch, workers))
     for name, values in runs.items():
         result[f"{name}_images_per_sec"] = statistics.fmean(values)
         result[f"{name}_images_per_sec_runs"] = values

@@ -136,6 +136,8 @@ def cmd_bench_data(args) -> None:
               f"({r[name + '_images_per_sec_per_worker']:.1f} per worker)")
     print(f"folder / torchvision = {r['folder_vs_torchvision']:.2f}, shards / torchvision = "
           f"{r['shards_vs_torchvision']:.2f}")
+    if r["skipped_files"]:
+        print(f"{len(r['skipped_files'])} unreadable files were left out: " + ", ".join(r["skipped_files"][:5]))
     _emit(r, args.out, True)
 
 
@@ -225,6 +227,15 @@ def cmd_plan(args) -> None:
         plan.plot(rows, Path(args.plot), f"{args.epochs:g} epochs, {args.procs_per_node} procs/node")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_compare(args) -> None:
+    from .compare import load_run, plot, table
+    runs = [load_run(Path(p)) for p in args.runs]
+    print(table(runs))
+    if args.plot:
+        plot(runs, Path(args.plot))
+        print(f"wrote {args.plot}")
 
 
 def cmd_recipes(args) -> None:
@@ -367,6 +378,11 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="write the rows as JSON here")
     pl.add_argument("--plot", help="write a PNG over N here")
     pl.set_defaults(func=cmd_plan)
+
+    c = sub.add_parser("compare", help="runs side by side: a table of their summaries, their curves with --plot")
+    c.add_argument("runs", nargs="+", help="run directories (the --out of each run)")
+    c.add_argument("--plot", help="write a PNG of loss, test top-1, LR and images/s over epochs here")
+    c.set_defaults(func=cmd_compare)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(func=cmd_recipes)

@@ -204,6 +204,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """0 = at each eval and at the end only."""
     keep_checkpoints: int = 2
+    tensorboard: bool | None = None
+    """Also write the metrics as TensorBoard scalars to OUT/tensorboard. None = when the
+    tensorboard package is installed (pip install 'largebatch[tensorboard]')."""
     noise_scale: bool = True
     """Measure the gradient noise scale (noise_scale.py) where the layout has two batch
     sizes: several processes, or one process with accumulation."""

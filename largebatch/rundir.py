@@ -20,7 +20,7 @@ LOCK = ".lock"
 MAY_CHANGE = ("description", "train.epochs", "train.steps", "train.eval_every_epochs", "train.eval_batch",
               "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints",
               "train.threads", "train.micro_batch", "train.compile", "train.bf16", "train.channels_last",
-              "train.noise_scale",
+              "train.noise_scale", "train.tensorboard",
               "data.path", "data.stage_to", "data.workers", "data.strict", "data.download", "dist.")
 
 

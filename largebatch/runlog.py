@@ -53,10 +53,17 @@ def environment() -> dict:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; only the main process writes."""
+    """Appends one JSON object per line; only the main process writes. With a
+    TensorBoard directory, every numeric field is also a scalar there (train/... and
+    eval/...), so `tensorboard --logdir runs/` follows every run live."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tensorboard: Path | None = None, start: int = 0):
         self.path = path
+        self.board = None
+        if path is not None and tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: the events a killed run wrote after its checkpoint are dropped on resume
+            self.board = SummaryWriter(str(tensorboard), purge_step=start + 1 if start else None)
 
     def truncate_after(self, step: int) -> None:
         if self.path is None or not self.path.exists():
@@ -75,6 +82,19 @@ class MetricsLog:
             return
         with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            group = "eval" if record.get("eval") else "train"
+            for key, value in record.items():
+                if key not in ("step", "eval") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(f"{group}/{key}", value, record["step"])
+            if "comm_exposed_seconds" in record and record.get("step_seconds"):
+                self.board.add_scalar("train/comm_exposed_share", record["comm_exposed_seconds"] /
+                                      record["step_seconds"], record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def write_text(path: Path, text: str) -> None:

@@ -195,6 +195,13 @@ def check_finite(run: Run, step: int, loss: float = 0.0) -> None:
                    f"a longer warmup (schedule.warmup_epochs), or LARS (optim.name=lars)")
 
 
+def tensorboard_wanted(setting: bool | None) -> bool:
+    if setting is not None:
+        return setting
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def noise_summary(noise: NoiseScale | None) -> dict:
     last = noise.current() if noise is not None else {}
     if not last:
@@ -298,7 +305,8 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
         if val_skipped:
             print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +
                   "\n  ".join(val_skipped[:20]), flush=True)
-    log = MetricsLog(out / "metrics.jsonl" if info.is_main else None)
+    log = MetricsLog(out / "metrics.jsonl" if info.is_main else None,
+                     out / "tensorboard" if tensorboard_wanted(t.tensorboard) else None, start)
     log.truncate_after(start)  # lines past the checkpoint will be written again
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     augment_at = lambda step: phase_at(step, run.phases).augment
@@ -364,12 +372,14 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
         if signum:
             bar.close()
             log.write(step=done, epoch=epoch, stopped_by_signal=signum)
+            log.close()
             if info.is_main:
                 print(f"largebatch: signal {signum}: checkpoint at step {done} written to "
                       f"{out / 'checkpoints'}; continue with --resume", flush=True)
             raise SystemExit(128 + signum)
         window.pause(time.perf_counter() - pause_t0)
     bar.close()
+    log.close()
 
     if result is None:  # resumed at the end: evaluate the final weights
         result = evaluate_now()

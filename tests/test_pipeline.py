@@ -160,6 +160,7 @@ def test_draft_decoding_keeps_the_picture(tmp_path):
 
 def test_bench_data_reports_all_three_loaders(tmp_path):
     root = make_tree(tmp_path / "tree", per_class=4, val_per_class=1)
+    (root / "train/cat/zz_broken.jpg").write_bytes(b"not an image")  # timed by nobody, reported
     out = tmp_path / "bench.json"
     run_cli("bench-data", root, "--workers", "1", "--batch", "4", "--repeats", "1", "--image-size", "32",
             "--resize-shorter", "64", "--out", out)
@@ -167,4 +168,5 @@ def test_bench_data_reports_all_three_loaders(tmp_path):
     for key in ("folder_images_per_sec", "shards_images_per_sec", "torchvision_images_per_sec"):
         assert r[key] > 0, key
     assert r["images"] == 16 and r["workers"] == 1
+    assert r["skipped_files"] == [str(root / "train/cat/zz_broken.jpg")]
     assert r["folder_vs_torchvision"] == pytest.approx(r["folder_images_per_sec"] / r["torchvision_images_per_sec"])
