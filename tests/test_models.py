@@ -81,6 +81,14 @@ def test_group_bn_running_stats_are_one_update_per_step_from_all_groups():
                                torch.sqrt(gbn.running_var.view(1, -1, 1, 1) + gbn.eps))
 
 
+def test_group_bn_without_statistics_keeps_its_running_averages():
+    gbn = group_bn.GroupBatchNorm2d(2, group_size=2, momentum=0.5)
+    gbn.running_mean.fill_(0.25)
+    group_bn.commit_running_stats(nn.Sequential(gbn))  # a step in which this layer saw nothing
+    assert gbn.running_mean.tolist() == [0.25, 0.25] and gbn.running_var.tolist() == [1.0, 1.0]
+    assert gbn.num_batches_tracked.item() == 0
+
+
 def test_group_bn_rejects_ragged_batch():
     gbn = group_bn.GroupBatchNorm2d(2, group_size=4)
     with pytest.raises(ValueError, match="bn_group_size"):

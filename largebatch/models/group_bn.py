@@ -101,9 +101,14 @@ def commit_running_stats(model: nn.Module) -> None:
         c = m.num_features
         sums, count = flat[offset:offset + 2 * c].view(2, c), flat[offset + 2 * c]
         offset += 2 * c + 1
-        if count > 0:
-            m.running_mean.mul_(1 - m.momentum).add_((sums[0] / count).float(), alpha=m.momentum)
-            m.running_var.mul_(1 - m.momentum).add_((sums[1] / count).float(), alpha=m.momentum)
-            m.num_batches_tracked += 1
+        # A layer that saw no group this step keeps its averages. Decided on the device:
+        # `if count > 0` would wait for the GPU once per layer per step.
+        seen = count > 0
+        keep = torch.where(seen, 1 - m.momentum, 1.0).float()
+        take = torch.where(seen, m.momentum, 0.0).float()
+        count = count.clamp_min(1)
+        m.running_mean.mul_(keep).add_((sums[0] / count).float() * take)
+        m.running_var.mul_(keep).add_((sums[1] / count).float() * take)
+        m.num_batches_tracked.add_(seen.long())
         m.stat_sum.zero_()
         m.stat_count.zero_()
