@@ -188,13 +188,14 @@ class TrainConfig:
     seed: int = 0
     bf16: bool | None = None
     """bf16 autocast. None = on where the hardware has native bf16 (CPUs with AVX512-BF16
-    or AMX, GPUs that support it): ResNet-50 trains 2.75x faster with it on this Zen 4
-    CPU (docs/BENCHMARKS.md)."""
+    or AMX, GPUs that support it), where it is much faster at no cost in accuracy
+    (measurements per CPU in docs/BENCHMARKS.md)."""
     channels_last: bool | None = None
-    """NHWC memory format. None = on for torchvision's ResNets (+9 % for ResNet-50 bf16
-    here), off for the CIFAR-style ones (-21 % for ResNet-8 at 32 px)."""
+    """NHWC memory format. None = on for torchvision's ResNets, whose wide convolutions
+    gain from it, off for the CIFAR-style ones, whose small images lose (docs/BENCHMARKS.md)."""
     compile: bool = False
-    """torch.compile the model: +17 % for ResNet-50 bf16 here, after ~70 s of compiling."""
+    """torch.compile the model: pays for ResNet-50 after a minute or so of compiling, not
+    for short runs or the small CIFAR-style nets (docs/BENCHMARKS.md)."""
     threads: int = 0
     """torch threads per process; 0 = OMP_NUM_THREADS if set, else the cores this process
     may use / processes on this node."""

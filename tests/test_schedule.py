@@ -58,7 +58,7 @@ def test_epochs_are_converted_to_steps_once():
 
 
 def test_sc18_run_a_schedule():
-    # PAPER.md run A: 14,336 batch, 4.8 peak, 5-epoch warmup from 0.1, poly power 1 over 90 epochs
+    # docs/SC18.md run A: 14,336 batch, 4.8 peak, 5-epoch warmup from 0.1, poly power 1 over 90 epochs
     from largebatch.recipes import load_recipe
     cfg = build_config(load_recipe("sc18-run-a"))
     spe = 1281167 // 14336  # 89 steps per epoch
