@@ -97,10 +97,15 @@ class OptimConfig:
 @dataclass(kw_only=True, slots=True)
 class ScheduleConfig:
     base_lr: float = 0.1
-    """LR at reference_batch; the peak LR is base_lr * global_batch / reference_batch."""
+    """LR at reference_batch; the peak LR is base_lr * (global_batch / reference_batch),
+    to the power 1 (linear rule) or 1/2 (square-root rule)."""
     reference_batch: int = 256
+    scaling: Literal["linear", "sqrt"] = "linear"
+    """How the peak LR follows the batch: linear (Goyal et al.) or square root (keeps the
+    update's noise constant; often better past the critical batch, docs/RESULTS.md)."""
     peak_lr: float | None = None
-    """Explicit peak LR instead of the linear rule (the authors used 4.8 at 14,336)."""
+    """Explicit peak LR instead of the rule (the authors used 4.8 at 14,336); batch
+    phases scale it by the rule relative to train.global_batch."""
     warmup_epochs: float = 0.0
     warmup_start_lr: float = 0.0
     """LR at step 0 of warmup; the LR rises linearly to the peak over warmup_epochs."""

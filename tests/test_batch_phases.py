@@ -8,7 +8,7 @@ import torch
 
 from largebatch import checkpoint
 from largebatch.cli import main as cli_main
-from largebatch.config import ConfigError, TrainConfig, build_config
+from largebatch.config import ConfigError, TrainConfig, build_config, to_dict
 from largebatch.data.sampler import GlobalBatchSampler, resolve_layout
 from largebatch.optim.schedule import build_phases, lr_at
 
@@ -32,6 +32,8 @@ def test_phase_steps_and_lr_follow_the_batch():
     assert [lr_at(s, [small, large]) for s in (0, 7, 8, 11)] == pytest.approx([0.1, 0.1, 0.2, 0.2])
     small, large = build_phases(grow(scale_lr=False), steps_per_epoch=N // 32, num_samples=N)
     assert lr_at(8, [small, large]) == pytest.approx(0.1)  # Smith et al.: the batch grows, the LR stays
+    sqrt = build_config({**to_dict(grow()), "schedule": {**to_dict(grow())["schedule"], "scaling": "sqrt"}})
+    assert lr_at(8, build_phases(sqrt, N // 32, N)) == pytest.approx(0.1 * 2 ** 0.5)
 
 
 def test_the_batch_changes_only_at_a_whole_epoch():

@@ -47,6 +47,8 @@ def test_linear_scaling_rule_and_explicit_peak():
     assert peak_lr(cfg) == pytest.approx(1.6)
     cfg = build_config({"train": {"global_batch": 14336}, "schedule": {"peak_lr": 4.8}})
     assert peak_lr(cfg) == pytest.approx(4.8)
+    cfg = build_config({"train": {"global_batch": 4096}, "schedule": {"base_lr": 0.1, "scaling": "sqrt"}})
+    assert peak_lr(cfg) == pytest.approx(0.4)  # 0.1 x sqrt(4096 / 256)
 
 
 def test_epochs_are_converted_to_steps_once():

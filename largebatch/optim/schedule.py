@@ -70,12 +70,17 @@ def lr_at(step: int, phases: list[Phase]) -> float:
     return phase_lr(step - p.start, p)
 
 
+def lr_scale(cfg: Config, batch: int, reference: int) -> float:
+    """The scaling rule's factor from `reference` to `batch`."""
+    return (batch / reference) ** (0.5 if cfg.schedule.scaling == "sqrt" else 1.0)
+
+
 def peak_lr(cfg: Config) -> float:
-    """The linear scaling rule, unless the recipe names its peak."""
+    """The scaling rule at train.global_batch, unless the recipe names its peak."""
     s = cfg.schedule
     if s.peak_lr is not None:
         return s.peak_lr
-    return s.base_lr * cfg.train.global_batch / s.reference_batch
+    return s.base_lr * lr_scale(cfg, cfg.train.global_batch, s.reference_batch)
 
 
 def phase_configs(cfg: Config, total_epochs: float) -> list[PhaseConfig]:
@@ -163,7 +168,7 @@ def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = No
         elapsed += pc.epochs
         stop = max(seg_step + steps(elapsed - seg_epoch), start + 1)
         snapshots += pc.snapshot
-        scale = batch / t.global_batch if pc.scale_lr else 1.0
+        scale = lr_scale(cfg, batch, t.global_batch) if pc.scale_lr else 1.0
         phase = _phase(pc, start, peak_lr(cfg) * scale, cfg.optim.weight_decay, steps, stop - start,
                        cfg.data.augment, snapshots if pc.snapshot else 0)
         phase = dataclasses.replace(phase, global_batch=batch)
