@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -62,13 +61,6 @@ def mean_spread(values: list[float], scale: float = 100.0, digits: int = 2) -> s
 
 
 def hardware() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}")
+    from largebatch.runlog import environment
+    env = environment()
+    return f"{env['cpu']}, {env['cores']} cores, Python {env['python']}, torch {env['torch']}"

@@ -178,7 +178,7 @@ def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
     if len(points) < 3:
         return None
     xs, ys = [1.0 / b for b, _ in points], [float(s) for _, s in points]
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     s_min = my - slope * mx

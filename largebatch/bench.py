@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import dist
+
 PARTS = ("data", "forward", "backward", "optimizer")
 
 
@@ -26,10 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def launch(spec: dict, procs: int, timeout: float = 3600) -> dict:
@@ -69,7 +67,6 @@ def bench_config(spec: dict, procs: int):
 
 def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
     """Median time of an fp32 all-reduce per size, and the least-squares fit t = a + b * bytes."""
-    from . import dist
     points = []
     for n in sizes:
         t = torch.zeros(max(n // 4, 1))
@@ -93,7 +90,7 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
 
 
 def worker(spec: dict, out: Path) -> None:
-    from . import dist, grad_sync
+    from . import grad_sync
     from .data import make_loader
     from .train import PhaseTimer, setup, train_step
 
@@ -154,13 +151,13 @@ def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int 
     for p in procs:
         per_proc = batch if mode == "weak" else batch * max(procs) // p
         spec = {"model": model, "batch": per_proc, "steps": steps, "warmup": warmup, "repeats": repeats,
-                "dtype": dtype, "threads": threads or max(1, _cores() // p), "image_size": 32 if cifar else image_size,
+                "dtype": dtype, "threads": threads or max(1, dist.usable_cores() // p), "image_size": 32 if cifar else image_size,
                 "classes": 10 if cifar else 1000, "channels": 3, "channels_last": channels_last,
                 "allreduce": allreduce}
         runs.append(launch(spec, p))
     base = runs[0]["images_per_sec"] / runs[0]["procs"]
     result = {"model": model, "batch_per_process": batch, "dtype": dtype, "image_size": image_size,
-              "channels_last": channels_last, "mode": mode, "cores": _cores(),
+              "channels_last": channels_last, "mode": mode, "cores": dist.usable_cores(),
               "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
               "breakdown": runs[0]["breakdown"], "runs": runs,
               "scaling": [{"procs": r["procs"], "images_per_sec": r["images_per_sec"],

@@ -55,8 +55,9 @@ def _eval_setup(state: dict, data: str | None):
     cfg = from_dict(Config, state["config"])
     if data is not None:
         cfg.data.path = data
-    device = pick_device(dist.from_env())
-    info = dist.init(device)
+    info = dist.from_env()
+    device = pick_device(info)
+    dist.init(device, info)
     set_threads(cfg.train.threads, info)
     val = build_dataset(cfg.data, "val", cfg.train.seed)
     trained_on = state.get("class_names")

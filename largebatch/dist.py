@@ -1,5 +1,5 @@
-"""Distributed state in one place: who am I, how many are we, and the few collective
-operations the rest of the code uses. Valid with one process (every collective is then
+"""Distributed state in one place: who am I, how many are we, how the global batch is
+cut among us (the Layout), and the few collective operations the rest of the code uses. Valid with one process (every collective is then
 a no-op), so no other module branches on 'distributed or not'.
 
 Rank and world size come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK), or, when started
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from .config import ConfigError, TrainConfig
 from .errors import UserError
 
 _LAUNCHERS = (  # (rank, world size, local rank, local world size)
@@ -56,6 +57,39 @@ def from_env(env=None) -> DistInfo:
     return DistInfo()
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    world_size: int
+    rank: int
+    accum_steps: int
+    micro_batch: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.accum_steps * self.micro_batch
+
+
+def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size: int = 0) -> Layout:
+    b = train.global_batch
+    if train.micro_batch is None and b % world_size != 0:
+        raise ConfigError(f"train.global_batch ({b}) must be a multiple of the number of processes "
+                          f"({world_size}): each process takes an equal share")
+    m = train.micro_batch if train.micro_batch is not None else b // world_size
+    if m <= 0 or b % (world_size * m) != 0:
+        raise ConfigError(f"train.global_batch ({b}) must be divisible by processes ({world_size}) "
+                          f"x train.micro_batch ({train.micro_batch if train.micro_batch else m})")
+    # BatchNorm groups are cut within micro-batches: the one model setting a layout must respect
+    if bn_group_size and m % bn_group_size != 0:
+        raise ConfigError(f"model.bn_group_size ({bn_group_size}) must divide train.micro_batch ({m}); "
+                          f"set model.bn_group_size=0 to normalise over whole micro-batches")
+    return Layout(world_size=world_size, rank=rank, accum_steps=b // (world_size * m), micro_batch=m)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a launcher binds it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def first_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[003-010,020],cpu1' -> 'gpu003'."""
     head = nodelist.strip()
@@ -80,10 +114,11 @@ def info() -> DistInfo:
     return _INFO
 
 
-def init(device: torch.device) -> DistInfo:
-    """Read the launcher's environment and join the process group (when > 1 process)."""
+def init(device: torch.device, info: DistInfo | None = None) -> DistInfo:
+    """Join the process group (when > 1 process) as `info` says (default: the launcher's
+    environment, read once here or by the caller that chose the device with it)."""
     global _INFO
-    _INFO = from_env()
+    _INFO = info or from_env()
     if _INFO.world_size > 1 and not td.is_initialized():
         # torchrun sets these. Under srun the first node of the allocation hosts the
         # rendezvous; under mpirun, export MASTER_ADDR (docs/launching.md).

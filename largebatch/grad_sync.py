@@ -105,7 +105,7 @@ class Bucketed(_Measure):
             sq = torch.linalg.vector_norm(grads).double().square()
             self.small_sq = sq if self.small_sq is None else self.small_sq + sq
         send = grads.to(torch.bfloat16) if self.bf16 else grads
-        send.div_(td.get_world_size())
+        send.div_(dist.info().world_size)
 
         def done(f):
             self.last_done = time.perf_counter()

@@ -8,7 +8,7 @@ import time
 import torch
 
 from . import dist
-from .data.sampler import Layout
+from .dist import Layout
 from .noise_scale import NoiseScale, batches
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist, ensemble, grad_sync, noise_scale
+from . import checkpoint, dist, ensemble, grad_sync
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged
 from .rundir import RunLock, config_changes, diff_lines
 from .data import build_dataset, data_channels, default_workers, make_loader, model_input, shards
-from .data.sampler import GlobalBatchSampler, Layout, resolve_layout
+from .data.sampler import GlobalBatchSampler
+from .dist import Layout, resolve_layout
 from .evaluate import evaluate
 from .log_window import LogWindow
 from .noise_scale import NoiseScale
@@ -37,7 +38,7 @@ def pick_device(info: dist.DistInfo) -> torch.device:
 
 def set_threads(requested: int, info: dist.DistInfo) -> int:
     """train.threads, else OMP_NUM_THREADS, else this process's share of its cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = dist.usable_cores()
     omp = os.environ.get("OMP_NUM_THREADS", "")
     threads = requested or (omp.isdigit() and int(omp)) or max(1, cores // info.local_world_size)
     torch.set_num_threads(threads)
@@ -83,10 +84,10 @@ def resolve_auto(cfg: Config, device: torch.device) -> Config:
 
 
 def setup(cfg: Config, out: Path) -> Run:
-    probe = dist.from_env()
-    device = pick_device(probe)
+    info = dist.from_env()
+    device = pick_device(info)
     cfg = resolve_auto(cfg, device)
-    info = dist.init(device)
+    dist.init(device, info)
     set_threads(cfg.train.threads, info)
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)

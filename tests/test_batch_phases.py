@@ -9,7 +9,8 @@ import torch
 from largebatch import checkpoint
 from largebatch.cli import main as cli_main
 from largebatch.config import ConfigError, TrainConfig, build_config, to_dict
-from largebatch.data.sampler import GlobalBatchSampler, resolve_layout
+from largebatch.data.sampler import GlobalBatchSampler
+from largebatch.dist import resolve_layout
 from largebatch.optim.schedule import build_phases, lr_at
 
 from conftest import run_cli

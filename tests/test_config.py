@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from largebatch.config import Config, ConfigError, build_config, dump_yaml, from_dict, parse_override
-from largebatch.data.sampler import resolve_layout
+from largebatch.dist import resolve_layout
 from largebatch.recipes import load_recipe, recipe_names
 
 from conftest import run_cli

@@ -15,7 +15,7 @@ import torch
 from largebatch import checkpoint
 from largebatch.cli import main as cli_main
 from largebatch.config import ConfigError, TrainConfig, build_config
-from largebatch.data.sampler import resolve_layout
+from largebatch.dist import resolve_layout
 from largebatch.rundir import RunLock
 
 from conftest import ROOT, run_cli

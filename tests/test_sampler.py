@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from largebatch.config import TrainConfig
-from largebatch.data.sampler import (GlobalBatchSampler, eval_batches, epoch_permutation, resolve_layout,
-                                     sample_uniforms)
+from largebatch.data.sampler import GlobalBatchSampler, eval_batches, epoch_permutation, sample_uniforms
+from largebatch.dist import resolve_layout
 
 
 def specs(n, world, rank, global_batch, micro, start, stop, seed=3):

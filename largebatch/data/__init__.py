@@ -4,12 +4,12 @@ it BatchSpecs from the global sampler, in order."""
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from .. import dist
 from ..config import ConfigError, DataConfig
 from . import checks, fmnist, shards
 from .folder import ImageFolder, ImageSet
@@ -88,7 +88,7 @@ def default_workers(cfg: DataConfig, local_world_size: int) -> int:
         return cfg.workers
     if cfg.name not in ("folder", "shards"):
         return 0  # in-memory batches cost less than a worker's hand-off
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = dist.usable_cores()
     return max(1, min(8, cores // max(local_world_size, 1) - 1))
 
 

@@ -14,34 +14,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import ConfigError, TrainConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    world_size: int
-    rank: int
-    accum_steps: int
-    micro_batch: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.world_size * self.accum_steps * self.micro_batch
-
-
-def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size: int = 0) -> Layout:
-    b = train.global_batch
-    if train.micro_batch is None and b % world_size != 0:
-        raise ConfigError(f"train.global_batch ({b}) must be a multiple of the number of processes "
-                          f"({world_size}): each process takes an equal share")
-    m = train.micro_batch if train.micro_batch is not None else b // world_size
-    if m <= 0 or b % (world_size * m) != 0:
-        raise ConfigError(f"train.global_batch ({b}) must be divisible by processes ({world_size}) "
-                          f"x train.micro_batch ({train.micro_batch if train.micro_batch else m})")
-    if bn_group_size and m % bn_group_size != 0:
-        raise ConfigError(f"model.bn_group_size ({bn_group_size}) must divide train.micro_batch ({m}); "
-                          f"set model.bn_group_size=0 to normalise over whole micro-batches")
-    return Layout(world_size=world_size, rank=rank, accum_steps=b // (world_size * m), micro_batch=m)
+from ..config import ConfigError
+from ..dist import Layout
 
 
 @dataclass(frozen=True, slots=True)

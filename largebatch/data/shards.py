@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import dist
 from ..config import ConfigError, DataConfig
 from .folder import ImageSet, UnreadableImage, scan
 
@@ -123,7 +124,7 @@ def pack(src: Path, dst: Path, shard_bytes: int = 1 << 30, resize_shorter: int =
     splits = [s for s in SPLITS if (src / s).is_dir()]
     if not splits:
         raise ConfigError(f"pack: {src} has neither train/ nor val/ (expected SRC/train/CLASS/*.jpg)")
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or dist.usable_cores()
     report = {}
     for split in splits:
         t0 = time.time()
