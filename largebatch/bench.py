@@ -24,7 +24,8 @@ from . import dist
 PARTS = ("data", "forward", "backward", "optimizer")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a rendezvous on this machine."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def launch(spec: dict, procs: int, timeout: float = 3600) -> dict:
     """Run one measurement in `procs` fresh processes; returns rank 0's result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        port = str(_free_port())
+        port = str(free_port())
         threads = spec["threads"]
         workers = []
         for rank in range(procs):

@@ -10,6 +10,8 @@ from largebatch.cli import main as cli_main
 from largebatch.config import DistConfig
 from largebatch.noise_scale import NoiseScale, batches, two_batch
 
+from test_train import TINY as TRAIN_TINY
+
 N, D = 4096, 8
 
 
@@ -73,20 +75,18 @@ def test_layouts_and_their_batch_sizes():
     assert batches(1, 1, 128) is None         # one batch size: nothing to compare
 
 
-TINY = ["--recipe", "fmnist-large", "--set", "train.bf16=false", "--set", "schedule.warmup_epochs=0",
-        "--set", "train.log_every_steps=2", "--set", "train.eval_every_epochs=0", "--set", "data.eval_samples=500",
-        "--set", "model.bn_group_size=16"]
+TINY = [*TRAIN_TINY, "--set", "data.eval_samples=500"]  # global batch 64
 
 
 def test_every_run_reports_it(tmp_path, fmnist_dir):
     out = tmp_path / "accum"
-    cli_main(["train", *TINY, "--global-batch", "64", "--micro-batch", "16", "--steps", "6", "--out", str(out)])
+    cli_main(["train", *TINY, "--micro-batch", "16", "--steps", "6", "--out", str(out)])
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [l for l in lines if "loss" in l and not l.get("eval")]
     assert all(l["noise_batches"] == [16, 64] and l["noise_scale"] > 0 and l["trace_cov"] > 0 for l in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] > 0 and summary["noise_batches"] == [16, 64]
     out = tmp_path / "plain"
-    cli_main(["train", *TINY, "--global-batch", "64", "--steps", "2", "--out", str(out)])
+    cli_main(["train", *TINY, "--micro-batch", "64", "--steps", "2", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] is None and "one batch size" in summary["noise_scale_note"]

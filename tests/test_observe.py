@@ -9,10 +9,9 @@ from PIL import Image
 from largebatch.cli import main as cli_main
 
 from conftest import run_cli
+from test_train import TINY as TRAIN_TINY
 
-TINY = ["--recipe", "fmnist-large", "--global-batch", "64", "--micro-batch", "32", "--set", "train.bf16=false",
-        "--set", "schedule.warmup_epochs=0", "--set", "train.log_every_steps=2", "--set", "train.eval_every_epochs=0",
-        "--set", "data.eval_samples=500", "--set", "model.bn_group_size=16"]
+TINY = [*TRAIN_TINY, "--set", "data.eval_samples=500"]
 
 
 def scalars(run_dir):

@@ -20,12 +20,9 @@ from largebatch.rundir import RunLock
 
 from conftest import ROOT, run_cli
 from imagetree import make_tree
+from test_train import TINY as TRAIN_TINY
 
-TINY = ["--recipe", "fmnist-large", "--global-batch", "64", "--micro-batch", "32",
-        "--set", "train.bf16=false", "--set", "schedule.warmup_epochs=0",
-        "--set", "schedule.decay=poly", "--set", "schedule.horizon_epochs=0.02",
-        "--set", "train.log_every_steps=2", "--set", "train.eval_every_epochs=0",
-        "--set", "train.eval_batch=1000", "--set", "model.bn_group_size=16", "--set", "data.eval_samples=1000"]
+TINY = [*TRAIN_TINY, "--set", "data.eval_samples=1000"]
 
 
 def cli(capsys, *args) -> tuple[int, str]:

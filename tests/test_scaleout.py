@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ import time
 import torch
 
 from largebatch import checkpoint
+from largebatch.bench import free_port
 from largebatch.dist import first_host, from_env
 
 from conftest import ROOT, run_cli
@@ -33,12 +33,6 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def final(path):
     return checkpoint.load(path / "checkpoints/last.pt")["model"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def srun_like(args, nprocs, out):
