@@ -89,6 +89,12 @@ VARIANTS = {
     "lars": ["--set", "optim.name=lars", "--set", "optim.lars_trust=0.02"],
     "ls": ["--set", "optim.label_smoothing=0.1"],
     "nesterov": ["--set", "optim.nesterov=true"],
+    # Batch-size control (Smith et al. 2018): from 768, the batch doubles every 4 epochs at a
+    # constant LR, the doubling standing in for the decay; the last phase decays to zero.
+    "grow3072": ["--set", "phases=[{name: b768, epochs: 4, decay: constant, warmup_epochs: 0.93, snapshot: false}, "
+                          "{name: b1536, epochs: 4, decay: constant, global_batch: 1536, scale_lr: false, "
+                          "snapshot: false}, {name: b3072, epochs: 4, decay: cosine, global_batch: 3072, "
+                          "scale_lr: false, snapshot: false}]"],
 }
 
 
@@ -107,6 +113,9 @@ def plan() -> list[Run]:
     for b in (3072, 1536, 672):
         runs += [Run(b, lr) for lr in lr_grid(b)]
     runs += [Run(SMALL, lr) for lr in lr_grid(SMALL) if lr != SMALL_LR]
+    # what the records used at the largest batches, at 3,072's grid LRs
+    runs += [Run(3072, lr, variant=v) for v in ("lars", "ls", "nesterov") for lr in lr_grid(3072)[:2]]
+    runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
     for b in (1024, 4096, 256, 8192, 512, 2048, 16384):
         runs += [Run(b, lr) for lr in lr_grid(b)]
     return runs
