@@ -93,3 +93,13 @@ def batches(world_size: int, accum_steps: int, micro_batch: int) -> tuple[int, i
     if accum_steps > 1:
         return micro_batch, big
     return None
+
+
+def summary(noise: NoiseScale | None) -> dict:
+    """What summary.json says about the noise scale."""
+    last = noise.current() if noise is not None else {}
+    if not last:
+        return {"noise_scale": None, "noise_scale_note": "not measured: one process without accumulation has one "
+                "batch size only (set train.micro_batch below the global batch to measure it)"}
+    return {"noise_scale": noise.run_mean(), "noise_scale_final": last["noise_scale"],
+            "grad_sq": last["grad_sq"], "trace_cov": last["trace_cov"], "noise_batches": last["noise_batches"]}

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from . import checkpoint
+from .checkpoint import CheckpointError
+from .config import ConfigError, to_dict
 from .errors import UserError
 
 LOCK = ".lock"
@@ -98,3 +101,36 @@ def config_changes(saved_yaml: str, new: dict) -> tuple[dict, dict]:
 
 def diff_lines(changes: dict) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def open_run_dir(out: Path, cfg, lock: RunLock, resume: bool, allow_change: bool) -> tuple[Path | None, dict]:
+    """Main process only: lock OUT, clear the debris of killed saves, and on --resume
+    choose the newest intact checkpoint and hold the config to the run's own.
+    Returns (checkpoint to resume from or None, config changes accepted)."""
+    say = lambda msg: print(f"largebatch: {msg}", flush=True)  # noqa: E731
+    taken_over = lock.acquire()
+    if taken_over:
+        say(f"{out}: {taken_over}")
+    ckpt_dir = out / "checkpoints"
+    for p in checkpoint.remove_partial(ckpt_dir) + checkpoint.remove_partial(out / "snapshots"):
+        say(f"removed {p.name}, the partial file of a save that did not finish")
+    if not resume:
+        return None, {}
+    path, _, passed = checkpoint.newest_intact(ckpt_dir)
+    for line in passed:
+        say(f"--resume: passing over {line}")
+    if path is None:
+        if passed:
+            raise CheckpointError(
+                f"--resume: no intact checkpoint in {ckpt_dir} ({len(passed)} damaged); not starting from step 0 "
+                f"over them: move them away to start afresh, or choose another --out")
+        return None, {}
+    saved = out / "config.yaml"
+    allowed, refused = config_changes(saved.read_text(), to_dict(cfg)) if saved.exists() else ({}, {})
+    if refused and not allow_change:
+        raise ConfigError(f"--resume: the config differs from {saved} in keys that change what is trained: "
+                          f"{diff_lines(refused)}. Start a new run with another --out, or pass "
+                          f"--allow-config-change to continue anyway (it is recorded in run.json)")
+    if allowed or refused:
+        say(f"--resume: config changes: {diff_lines({**allowed, **refused})}")
+    return path, {k: list(v) for k, v in {**allowed, **refused}.items()}

@@ -125,3 +125,11 @@ def summary_table(summary: dict) -> str:
         rows.insert(2, (f"ensemble of {len(summary['snapshots'])} top-1", f"{summary['ensemble_top1'] * 100:.2f} %"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def tensorboard_wanted(setting: bool | None) -> bool:
+    """train.tensorboard: None = when the tensorboard package is installed."""
+    if setting is not None:
+        return setting
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None

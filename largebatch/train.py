@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist, ensemble, grad_sync
+from . import checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged
-from .rundir import RunLock, config_changes, diff_lines
+from .rundir import RunLock, open_run_dir
 from .data import build_dataset, data_channels, default_workers, make_loader, model_input, shards
 from .data.sampler import GlobalBatchSampler
 from .dist import Layout, resolve_layout
@@ -196,55 +196,6 @@ def check_finite(run: Run, step: int, loss: float = 0.0) -> None:
                    f"a longer warmup (schedule.warmup_epochs), or LARS (optim.name=lars)")
 
 
-def tensorboard_wanted(setting: bool | None) -> bool:
-    if setting is not None:
-        return setting
-    import importlib.util
-    return importlib.util.find_spec("tensorboard") is not None
-
-
-def noise_summary(noise: NoiseScale | None) -> dict:
-    last = noise.current() if noise is not None else {}
-    if not last:
-        return {"noise_scale": None, "noise_scale_note": "not measured: one process without accumulation has one "
-                "batch size only (set train.micro_batch below the global batch to measure it)"}
-    return {"noise_scale": noise.run_mean(), "noise_scale_final": last["noise_scale"],
-            "grad_sq": last["grad_sq"], "trace_cov": last["trace_cov"], "noise_batches": last["noise_batches"]}
-
-
-def open_run_dir(run: Run, lock: RunLock, resume: bool, allow_change: bool) -> tuple[Path | None, dict]:
-    """Main process only: lock OUT, clear the debris of killed saves, and on --resume
-    choose the newest intact checkpoint and hold the config to the run's own.
-    Returns (checkpoint to resume from or None, config changes accepted)."""
-    say = lambda msg: print(f"largebatch: {msg}", flush=True)  # noqa: E731
-    taken_over = lock.acquire()
-    if taken_over:
-        say(f"{run.out}: {taken_over}")
-    ckpt_dir = run.out / "checkpoints"
-    for p in checkpoint.remove_partial(ckpt_dir) + checkpoint.remove_partial(run.out / "snapshots"):
-        say(f"removed {p.name}, the partial file of a save that did not finish")
-    if not resume:
-        return None, {}
-    path, _, passed = checkpoint.newest_intact(ckpt_dir)
-    for line in passed:
-        say(f"--resume: passing over {line}")
-    if path is None:
-        if passed:
-            raise checkpoint.CheckpointError(
-                f"--resume: no intact checkpoint in {ckpt_dir} ({len(passed)} damaged); not starting from step 0 "
-                f"over them: move them away to start afresh, or choose another --out")
-        return None, {}
-    saved = run.out / "config.yaml"
-    allowed, refused = config_changes(saved.read_text(), to_dict(run.cfg)) if saved.exists() else ({}, {})
-    if refused and not allow_change:
-        raise ConfigError(f"--resume: the config differs from {saved} in keys that change what is trained: "
-                          f"{diff_lines(refused)}. Start a new run with another --out, or pass "
-                          f"--allow-config-change to continue anyway (it is recorded in run.json)")
-    if allowed or refused:
-        say(f"--resume: config changes: {diff_lines({**allowed, **refused})}")
-    return path, {k: list(v) for k, v in {**allowed, **refused}.items()}
-
-
 def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dict) -> dict:
     """Save the phase's end point as snapshot NN, then evaluate it alone and with the
     earlier snapshots. After a resume the earlier ones are re-read from their files."""
@@ -260,21 +211,38 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
 
 
 def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
-    out = Path(out)
-    run = setup(cfg, out)
-    lock, stop = RunLock(out), StopRequest()
+    run = setup(cfg, Path(out))
+    lock, stop = RunLock(run.out), StopRequest()
     try:
-        return _train(run, lock, stop, resume, allow_config_change)
+        start, wall_before, noise = start_run(run, lock, resume, allow_config_change)
+        loop = Loop(run, stop, start, wall_before, noise)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
+        augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
+        batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps, augment_at),
+                                   run.workers, run.device))
+        for step in range(start, run.total_steps):
+            phase = phase_at(step, run.phases)
+            if step == phase.start and phase.reset_momentum:
+                run.optimizer.state.clear()  # a cycle restarts from the weights alone
+            lr = phase_lr(step - phase.start, phase)
+            apply_schedule(run.optimizer, lr, phase.weight_decay)
+            run.layout = run.sampler.segment_at(step).layout  # phases may change the global batch
+            run.sync.accum_steps = run.layout.accum_steps
+            loop.window.add(train_step(run, batches, loss_fn), run.sync.take_sq_norms(), run.sync.take_seconds())
+            loop.after_step(phase, step + 1, lr)
+        return loop.finish()
     finally:
         stop.restore()
         lock.release()
 
 
-def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_config_change: bool) -> dict:
-    cfg, out = run.cfg, run.out  # with the hardware-dependent defaults resolved
-    t, info, sampler = cfg.train, run.info, run.sampler
-    start, wall_before = 0, 0.0
-    last, changes = dist.on_main(lambda: open_run_dir(run, lock, resume, allow_config_change))
+def start_run(run: Run, lock: RunLock, resume: bool, allow_config_change: bool) -> tuple[int, float, NoiseScale | None]:
+    """Lock the run directory, resume from the newest intact checkpoint when asked, build
+    the gradient sync on the loaded weights, and record the run. Returns (first step,
+    wall seconds before it, the noise-scale estimator)."""
+    t, info = run.cfg.train, run.info
+    start, wall_before, state = 0, 0.0, {}
+    last, changes = dist.on_main(lambda: open_run_dir(run.out, run.cfg, lock, resume, allow_config_change))
     if last is not None:
         state = checkpoint.load(last)
         try:
@@ -286,125 +254,140 @@ def _train(run: Run, lock: RunLock, stop: StopRequest, resume: bool, allow_confi
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
         run.skipped.update(state.get("skipped_files", []))
     noise = NoiseScale() if t.noise_scale else None
-    if noise and last is not None and state.get("noise_scale"):
+    if noise and state.get("noise_scale"):
         noise.load_state_dict(state["noise_scale"])
-    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist, measure=noise is not None)
+    # DDP starts from rank 0's parameters, so the sync is built on the loaded weights
+    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, run.cfg.dist,
+                               measure=noise is not None)
     if t.compile:  # the step calls run.sync.module; checkpoints keep using the bare run.model
         run.sync.module = torch.compile(run.sync.module)
     if info.is_main:
-        write_text(out / "config.yaml", dump_yaml(cfg))
-        write_json(out / "run.json", {**environment(), "processes": info.world_size,
-                                      "accum_steps": run.layout.accum_steps,
-                                      "micro_batch": run.layout.micro_batch,
-                                      "steps_per_epoch": sampler.steps_per_epoch, "total_steps": run.total_steps,
-                                      "global_batch_from_step": {s.start: s.layout.global_batch
-                                                                 for s in sampler.segments},
-                                      "resumed_from_step": start,
-                                      "resumed_from": str(last) if last else None,
-                                      "config_changes": changes})
+        write_text(run.out / "config.yaml", dump_yaml(run.cfg))
+        write_json(run.out / "run.json", {
+            **environment(), "processes": info.world_size, "accum_steps": run.layout.accum_steps,
+            "micro_batch": run.layout.micro_batch, "steps_per_epoch": run.sampler.steps_per_epoch,
+            "total_steps": run.total_steps,
+            "global_batch_from_step": {s.start: s.layout.global_batch for s in run.sampler.segments},
+            "resumed_from_step": start, "resumed_from": str(last) if last else None, "config_changes": changes})
         val_skipped = getattr(run.val_set, "skipped_files", [])
         if val_skipped:
             print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +
                   "\n  ".join(val_skipped[:20]), flush=True)
-    log = MetricsLog(out / "metrics.jsonl" if info.is_main else None,
-                     out / "tensorboard" if tensorboard_wanted(t.tensorboard) else None, start)
-    log.truncate_after(start)  # lines past the checkpoint will be written again
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    augment_at = lambda step: phase_at(step, run.phases).augment
-    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps, augment_at),
-                               run.workers, run.device))
-    members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers, t.bf16,
-                                       t.channels_last)
-    def eval_due(done: int) -> bool:  # every eval_every_epochs, counted in the batch segment's steps
-        seg = sampler.segment_at(done - 1)
-        every = max(1, int(round(t.eval_every_epochs * seg.steps_per_epoch)))
-        return t.eval_every_epochs > 0 and (done - seg.start) % every == 0
+    return start, wall_before, noise
 
-    evaluate_now = lambda: evaluate(run.model, run.val_set, t.eval_batch, run.device, run.workers,
-                                    t.bf16, t.channels_last)
-    bar = tqdm(total=run.total_steps, initial=start, disable=None if info.is_main else True,
-               unit="step", dynamic_ncols=True)
-    t0, result = time.perf_counter(), None
-    window = LogWindow(run.device, noise)
-    extra = lambda: {"wall_seconds": wall_before + time.perf_counter() - t0,  # noqa: E731
-                     "noise_scale": noise.state_dict() if noise else None}
 
-    for step in range(start, run.total_steps):
-        phase = phase_at(step, run.phases)
-        if step == phase.start and phase.reset_momentum:
-            run.optimizer.state.clear()  # a cycle restarts from the weights alone
-        lr = phase_lr(step - phase.start, phase)
-        apply_schedule(run.optimizer, lr, phase.weight_decay)
-        run.layout = sampler.segment_at(step).layout  # phases may change the global batch
-        run.sync.accum_steps = run.layout.accum_steps
-        window.add(train_step(run, batches, loss_fn), run.sync.take_sq_norms(), run.sync.take_seconds())
-        done, epoch = step + 1, sampler.epoch_at(step + 1)
-        batch_ends = sampler.segment_at(done).layout is not run.layout
+class Loop:
+    """What the loop carries from step to step, and what it does after each: a log line
+    every train.log_every_steps, then the pause points (evaluation, snapshot, checkpoint,
+    a stop signal), whose time is kept out of images/s."""
+
+    def __init__(self, run: Run, stop: StopRequest, start: int, wall_before: float, noise: NoiseScale | None):
+        t = run.cfg.train
+        self.run, self.stop, self.start, self.noise = run, stop, start, noise
+        self.log = MetricsLog(run.out / "metrics.jsonl" if run.info.is_main else None,
+                              run.out / "tensorboard" if runlog.tensorboard_wanted(t.tensorboard) else None, start)
+        self.log.truncate_after(start)  # lines past the checkpoint will be written again
+        self.window = LogWindow(run.device, noise)
+        self.members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers, t.bf16,
+                                                t.channels_last)
+        self.bar = tqdm(total=run.total_steps, initial=start, disable=None if run.info.is_main else True,
+                        unit="step", dynamic_ncols=True)
+        self.t0, self.wall_before, self.result = time.perf_counter(), wall_before, None
+
+    def extra(self) -> dict:
+        """What a checkpoint carries besides weights, optimizer and step."""
+        return {"wall_seconds": self.wall_before + time.perf_counter() - self.t0,
+                "noise_scale": self.noise.state_dict() if self.noise else None}
+
+    def evaluate(self) -> dict:
+        t = self.run.cfg.train
+        return evaluate(self.run.model, self.run.val_set, t.eval_batch, self.run.device, self.run.workers,
+                        t.bf16, t.channels_last)
+
+    def eval_due(self, done: int) -> bool:
+        """Every train.eval_every_epochs, counted in the steps of the current batch size."""
+        every_epochs = self.run.cfg.train.eval_every_epochs
+        seg = self.run.sampler.segment_at(done - 1)
+        every = max(1, int(round(every_epochs * seg.steps_per_epoch)))
+        return every_epochs > 0 and (done - seg.start) % every == 0
+
+    def after_step(self, phase, done: int, lr: float) -> None:
+        run, t = self.run, self.run.cfg.train
+        epoch = run.sampler.epoch_at(done)
+        batch_ends = run.sampler.segment_at(done).layout is not run.layout
         if done % t.log_every_steps == 0 or done == run.total_steps or batch_ends:
-            record = window.close(run.layout)
-            if not math.isfinite(record["loss"]):
-                log.write(step=done, epoch=epoch, lr=lr, diverged=f"loss {record['loss']}")
-                check_finite(run, done, record["loss"])
-            log.write(step=done, epoch=epoch, lr=lr, **record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{record['images_per_sec']:.0f}",
-                            **({"B_noise": f"{record['noise_scale']:.0f}"} if record.get("noise_scale") else {}))
-        bar.update(1)
-        is_snapshot = phase.snapshot and done == phase.end
-        is_eval = eval_due(done) or done == run.total_steps or is_snapshot
-        is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
+            self.log_line(done, epoch, lr)
+        self.bar.update(1)
         pause_t0 = time.perf_counter()
-        signum = stop.agreed(run.device)
+        is_snapshot = phase.snapshot and done == phase.end
+        is_eval = self.eval_due(done) or done == run.total_steps or is_snapshot
+        is_ckpt = is_eval or (t.checkpoint_every_steps and done % t.checkpoint_every_steps == 0)
+        signum = self.stop.agreed(run.device)
         if is_eval or is_ckpt or signum:
             check_finite(run, done)  # the weights are the same on every process: all agree
         if is_eval:
-            if is_snapshot:
-                result = take_snapshot(run, phase, members, extra())
-                result.update(snapshot=phase.snapshot, phase=phase.name)
-            else:
-                result = evaluate_now()
-            log.write(step=done, epoch=epoch, lr=lr, eval=True, **result)
-            if info.is_main:
-                ens = (f"; snapshot {phase.snapshot} ({phase.name}), ensemble of {result['ensemble_members']}: "
-                       f"top-1 {result['ensemble_top1']:.4f}" if is_snapshot else "")
-                bar.write(f"step {done} epoch {epoch:.2f}: top-1 {result['top1']:.4f} "
-                          f"top-5 {result['top5']:.4f}{ens}")
+            self.eval_line(phase if is_snapshot else None, done, epoch, lr)
         if is_ckpt or signum:
-            save_checkpoint(run, done, extra())
+            save_checkpoint(run, done, self.extra())
         if signum:
-            bar.close()
-            log.write(step=done, epoch=epoch, stopped_by_signal=signum)
-            log.close()
-            if info.is_main:
+            self.bar.close()
+            self.log.write(step=done, epoch=epoch, stopped_by_signal=signum)
+            self.log.close()
+            if run.info.is_main:
                 print(f"largebatch: signal {signum}: checkpoint at step {done} written to "
-                      f"{out / 'checkpoints'}; continue with --resume", flush=True)
+                      f"{run.out / 'checkpoints'}; continue with --resume", flush=True)
             raise SystemExit(128 + signum)
-        window.pause(time.perf_counter() - pause_t0)
-    bar.close()
-    log.close()
+        self.window.pause(time.perf_counter() - pause_t0)
 
-    if result is None:  # resumed at the end: evaluate the final weights
-        result = evaluate_now()
-    wall = wall_before + time.perf_counter() - t0
-    final = sampler.segments[-1].layout
-    summary = {"top1": result["top1"], "top5": result["top5"], "epochs": sampler.epoch_at(run.total_steps),
-               "steps": run.total_steps, "global_batch": final.global_batch,
-               "global_batches": [s.layout.global_batch for s in sampler.segments],
-               "processes": info.world_size, "accum_steps": final.accum_steps, "micro_batch": final.micro_batch,
-               "images_per_sec": sampler.images(start, run.total_steps) / max(time.perf_counter() - t0 - window.paused, 1e-9),
-               "wall_seconds": wall, "skipped_files": dist.gather_union(run.skipped),
-               "val_skipped_files": getattr(run.val_set, "skipped_files", []),
-               **noise_summary(noise)}
-    snapshots = [line for line in log.read() if "snapshot" in line]
-    if snapshots:
-        summary["snapshots"] = [{k: line[k] for k in ("snapshot", "phase", "step", "top1", "top5", "ensemble_top1",
-                                                     "ensemble_top5")} for line in snapshots]
-        summary["ensemble_top1"], summary["ensemble_top5"] = snapshots[-1]["ensemble_top1"], snapshots[-1]["ensemble_top5"]
-    if info.is_main:
-        write_json(out / "summary.json", summary)
-        print(f"\nlargebatch: {out}\n{summary_table(summary)}", flush=True)
-        if summary["skipped_files"]:
-            print(f"largebatch: {len(summary['skipped_files'])} unreadable training files were skipped "
-                  f"(each replaced by the next readable sample; listed in summary.json):\n  " +
-                  "\n  ".join(summary["skipped_files"][:20]), flush=True)
-    dist.barrier()
-    return summary
+    def log_line(self, done: int, epoch: float, lr: float) -> None:
+        record = self.window.close(self.run.layout)
+        if not math.isfinite(record["loss"]):
+            self.log.write(step=done, epoch=epoch, lr=lr, diverged=f"loss {record['loss']}")
+            check_finite(self.run, done, record["loss"])
+        self.log.write(step=done, epoch=epoch, lr=lr, **record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{record['images_per_sec']:.0f}",
+                             **({"B_noise": f"{record['noise_scale']:.0f}"} if record.get("noise_scale") else {}))
+
+    def eval_line(self, snapshot_phase, done: int, epoch: float, lr: float) -> None:
+        """Evaluate; at a phase end with a snapshot, save it and evaluate the ensemble too."""
+        if snapshot_phase is not None:
+            self.result = take_snapshot(self.run, snapshot_phase, self.members, self.extra())
+            self.result.update(snapshot=snapshot_phase.snapshot, phase=snapshot_phase.name)
+        else:
+            self.result = self.evaluate()
+        r = self.result
+        self.log.write(step=done, epoch=epoch, lr=lr, eval=True, **r)
+        if self.run.info.is_main:
+            ens = (f"; snapshot {r['snapshot']} ({r['phase']}), ensemble of {r['ensemble_members']}: "
+                   f"top-1 {r['ensemble_top1']:.4f}" if snapshot_phase is not None else "")
+            self.bar.write(f"step {done} epoch {epoch:.2f}: top-1 {r['top1']:.4f} top-5 {r['top5']:.4f}{ens}")
+
+    def finish(self) -> dict:
+        run, info, sampler = self.run, self.run.info, self.run.sampler
+        self.bar.close()
+        self.log.close()
+        result = self.result or self.evaluate()  # resumed at the end: evaluate the final weights
+        final = sampler.segments[-1].layout
+        train_seconds = max(time.perf_counter() - self.t0 - self.window.paused, 1e-9)
+        summary = {"top1": result["top1"], "top5": result["top5"], "epochs": sampler.epoch_at(run.total_steps),
+                   "steps": run.total_steps, "global_batch": final.global_batch,
+                   "global_batches": [s.layout.global_batch for s in sampler.segments],
+                   "processes": info.world_size, "accum_steps": final.accum_steps, "micro_batch": final.micro_batch,
+                   "images_per_sec": sampler.images(self.start, run.total_steps) / train_seconds,
+                   "wall_seconds": self.extra()["wall_seconds"], "skipped_files": dist.gather_union(run.skipped),
+                   "val_skipped_files": getattr(run.val_set, "skipped_files", []), **noise_scale.summary(self.noise)}
+        snapshots = [line for line in self.log.read() if "snapshot" in line]
+        if snapshots:
+            summary["snapshots"] = [{k: line[k] for k in ("snapshot", "phase", "step", "top1", "top5",
+                                                         "ensemble_top1", "ensemble_top5")} for line in snapshots]
+            summary["ensemble_top1"] = snapshots[-1]["ensemble_top1"]
+            summary["ensemble_top5"] = snapshots[-1]["ensemble_top5"]
+        if info.is_main:
+            write_json(run.out / "summary.json", summary)
+            print(f"\nlargebatch: {run.out}\n{summary_table(summary)}", flush=True)
+            if summary["skipped_files"]:
+                print(f"largebatch: {len(summary['skipped_files'])} unreadable training files were skipped "
+                      f"(each replaced by the next readable sample; listed in summary.json):\n  " +
+                      "\n  ".join(summary["skipped_files"][:20]), flush=True)
+        dist.barrier()
+        return summary
