@@ -1,5 +1,7 @@
 """What measuring the gradient noise scale costs per training step: the real step
-(train.train_step with grad_sync measuring or not), interleaved repeats, one process.
+(train.train_step with grad_sync measuring or not), interleaved repeats, one process;
+and, since that difference drowns in the step's own spread, the measuring work timed
+alone: the two squared norms over all gradients that a measured step adds.
 
     python experiments/noise_scale_cost.py --out docs/bench/noise_scale_cost.json
 """
@@ -55,9 +57,18 @@ def main() -> None:
             off.append(time_steps(run, False, steps))
             on.append(time_steps(run, True, steps))
         ratio = statistics.median(on) / statistics.median(off)
-        results["cases"][name] = {"step_seconds_off": off, "step_seconds_on": on, "median_ratio": ratio}
+        grads = [p.grad for p in run.model.parameters() if p.grad is not None]
+        norms = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            float(grad_sync._sq_norm(grads) + grad_sync._sq_norm(grads))
+            norms.append(time.perf_counter() - t0)
+        share = statistics.median(norms) / statistics.median(off)
+        results["cases"][name] = {"step_seconds_off": off, "step_seconds_on": on, "median_ratio": ratio,
+                                  "two_norms_seconds": norms, "two_norms_share_of_step": share}
         print(f"{name}: step {statistics.median(off):.4f} s without, {statistics.median(on):.4f} s with "
-              f"measuring: {100 * (ratio - 1):+.2f} %", flush=True)
+              f"measuring ({100 * (ratio - 1):+.2f} %); the two norms alone: {statistics.median(norms) * 1e3:.2f} ms "
+              f"= {100 * share:.3f} % of a step", flush=True)
     if a.out:
         a.out.write_text(json.dumps(results, indent=2) + "\n")
 
