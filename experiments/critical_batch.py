@@ -182,6 +182,10 @@ def noise_at(lines: list[dict], step: int | None) -> float | None:
     return logged[-1]["noise_scale"] if logged else None
 
 
+def knee_fit(best: dict) -> tuple[float, float] | None:
+    return fit_knee([(b, t) for b, (r, res) in best.items() if (t := steps_to(res["evals"], TARGETS[0])) is not None])
+
+
 def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
     """Least squares of S(B) = S_min (1 + B_crit / B) in 1/B (linear: S = a + b / B)."""
     if len(points) < 3:
@@ -194,12 +198,61 @@ def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
     return (s_min, slope / s_min) if s_min > 0 else None
 
 
+def plot(best: dict, by_batch: dict, knee, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.3))
+    pts = sorted((b, steps_to(res["evals"], TARGETS[0])) for b, (r, res) in best.items())
+    reached = [(b, t) for b, t in pts if t is not None]
+    if reached:
+        a1.plot(*zip(*reached), marker="o", label="best LR per batch")
+        b0, t0 = reached[0]
+        xs = [b for b, _ in pts]
+        a1.plot(xs, [t0 * b0 / b for b in xs], linestyle=":", color="gray", label="perfect scaling")
+        if knee:
+            a1.plot(xs, [knee[0] * (1 + knee[1] / b) for b in xs], linestyle="--", label="S_min (1 + B_crit / B)")
+    for b, t in pts:
+        if t is None:
+            a1.axvline(b, color="red", alpha=0.3)
+            a1.text(b, 0.02, " not reached", transform=a1.get_xaxis_transform(), fontsize=7, rotation=90,
+                    color="red")
+    a1.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {TARGETS[0]:.0%} test top-1",
+           title="steps to target")
+    xs = sorted(by_batch)
+    a2.plot(xs, [100 * best[b][1]["summary"]["top1"] for b in xs], marker="o", label="best LR of the grid")
+    linear = [(b, 100 * res["summary"]["top1"]) for b in xs for r, res in by_batch[b]
+              if r.lr == max(lr_grid(b)) and not r.variant]
+    if linear:
+        a2.plot(*zip(*linear), marker="s", linestyle="--", label="linear rule")
+    a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)", title=f"accuracy at {EPOCHS} epochs")
+    for b, (r, res) in sorted(best.items()):
+        lines = [json.loads(x) for x in (RESULTS / r.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        ns = [(x["epoch"], x["noise_scale"]) for x in lines if x.get("noise_scale")]
+        if ns:
+            a3.plot(*zip(*ns), label=f"batch {b}")
+    a3.set(yscale="log", xlabel="epoch", ylabel="B_simple (negative estimates not shown)",
+           title="measured gradient noise scale")
+    for a in (a1, a2):
+        a.set_xticks(sorted(by_batch), labels=[str(b) for b in sorted(by_batch)], minor=False)
+        a.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for a in (a1, a2, a3):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(runs: list[Run], doc: Path) -> None:
     done = [(r, res) for r in runs if (res := results_of(r))]
     missing = [r for r in runs if not results_of(r)]
-    by_batch: dict[int, list] = {}
+    by_batch: dict[int, list] = {}  # the study recipe only; variants get their own table
     for r, res in done:
-        by_batch.setdefault(r.batch, []).append((r, res))
+        if not r.variant:
+            by_batch.setdefault(r.batch, []).append((r, res))
     best = {b: max(v, key=lambda rv: rv[1]["summary"]["top1"]) for b, v in by_batch.items()}
     base = best.get(SMALL)
     lines = ["# Results: how large a batch Fashion-MNIST can take", "",
@@ -214,18 +267,18 @@ def report(runs: list[Run], doc: Path) -> None:
              f"Progress: {len(done)} of {len(runs)} planned runs finished; the study continues where it "
              f"stopped (`python experiments/critical_batch.py`).", "",
              "## Every finished run", "",
-             "| global batch | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | steps to 91 % | "
-             "B_simple at 90 % | B_simple, run | CPU | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r, res in sorted(done, key=lambda rv: (rv[0].batch, rv[0].lr)):
+             "| global batch | variant | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
+             "steps to 91 % | B_simple at 90 % | B_simple at the end | CPU | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr)):
         s, ev = res["summary"], res["evals"]
         metrics = [json.loads(x) for x in (RESULTS / r.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
         cpu = json.loads((RESULTS / r.name / "run.json").read_text()).get("cpu", "?")
         t90, t91 = steps_to(ev, TARGETS[0]), steps_to(ev, TARGETS[1])
-        n90 = noise_at(metrics, t90)
+        n90 = noise_at(metrics, t90) if t90 is not None else None
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r.batch} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {100 * s['top1']:.2f} | "
-                     f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(s.get('noise_scale'))} | {cpu} | "
+        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {100 * s['top1']:.2f} | "
+                     f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(s.get('noise_scale_final'))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
     if base:
@@ -241,8 +294,10 @@ def report(runs: list[Run], doc: Path) -> None:
             lines.append(f"| {b} | {round(b * IMAGENET / FMNIST):,} | {r.lr:g} | {100 * res['summary']['top1']:.2f} | "
                          f"{100 * (res['summary']['top1'] - b0):+.2f} | {t if t is not None else 'not reached'} | "
                          f"{ideal} |")
-    knee = fit_knee([(b, steps_to(res["evals"], TARGETS[0])) for b, (r, res) in best.items()
-                     if steps_to(res["evals"], TARGETS[0]) is not None])
+    knee = knee_fit(best)
+    if best:
+        plot(best, by_batch, knee_fit(best), doc.parent / "critical_batch.png")
+        lines += ["", "![steps to target, accuracy and noise scale against the batch](critical_batch.png)"]
     lines += ["", "## The critical batch", ""]
     if knee:
         lines.append(f"Fit of S(B) = S_min (1 + B_crit / B) to the steps to 90 %: S_min = {knee[0]:.0f} steps, "
@@ -250,6 +305,15 @@ def report(runs: list[Run], doc: Path) -> None:
     else:
         lines.append("Not enough batches have reached the target yet for a fit of S(B) = S_min (1 + B_crit / B) "
                      "(three are needed).")
+    variants = [(r, res) for r, res in done if r.variant]
+    if variants:
+        lines += ["", "## Recipe variants and batch-size control", "",
+                  "| run | variant | first global batch | peak LR | steps | test top-1 (%) | steps to 90 % |",
+                  "|---|---|---|---|---|---|---|"]
+        for r, res in variants:
+            t90 = steps_to(res["evals"], TARGETS[0])
+            lines.append(f"| {r.name} | {r.variant} | {r.batch} | {r.lr:g} | {res['summary']['steps']} | "
+                         f"{100 * res['summary']['top1']:.2f} | {t90 if t90 is not None else 'not reached'} |")
     lines += ["", "## Beside the paper and the records", "",
               "Mapped by batch / training-set size (ImageNet 1.28M images, Fashion-MNIST 60K): "
               "ImageNet 14,336 is 672 here, 32K is 1,536, 64K is 3,072.", "",
