@@ -93,7 +93,7 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
 def worker(spec: dict, out: Path) -> None:
     from . import grad_sync
     from .data import make_loader
-    from .train import PhaseTimer, setup, train_step
+    from .train import StepPartTimer, setup, train_step
 
     procs = int(os.environ["WORLD_SIZE"])
     cfg = bench_config(spec, procs)
@@ -108,7 +108,7 @@ def worker(spec: dict, out: Path) -> None:
     run.sync.take_seconds()
     rates, parts = [], []
     for _ in range(spec["repeats"]):
-        timer = PhaseTimer(run.device)
+        timer = StepPartTimer(run.device)
         exposed = 0.0
         dist.barrier()
         t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def cmd_eval(args) -> None:
         raise ConfigError(f"--data: {args.checkpoint} does not fit this data's model ({str(e).splitlines()[0]})") from None
     batch = args.batch or cfg.train.eval_batch
     result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size),
-                      cfg.train.bf16, cfg.train.channels_last)
+                      bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result,
            "skipped_files": getattr(val, "skipped_files", [])}, None, info.is_main)
     dist.shutdown()
@@ -109,8 +109,8 @@ def cmd_ensemble(args) -> None:
     paths = [Path(p) for p in args.snapshots]
     cfg, device, info, val, model = _eval_setup(checkpoint.load(paths[-1]), args.data)
     members = RunningEnsemble(val, args.batch or cfg.train.eval_batch, device,
-                              default_workers(cfg.data, info.local_world_size), cfg.train.bf16,
-                              cfg.train.channels_last)
+                              default_workers(cfg.data, info.local_world_size),
+                              bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     result = evaluate_snapshots(paths, model, members)
     _emit(result, args.out, info.is_main)
     dist.shutdown()

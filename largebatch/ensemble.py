@@ -27,12 +27,12 @@ def snapshot_files(out: Path) -> list[Path]:
 class RunningEnsemble:
     """Sum of the members' softmax probabilities, per evaluation batch of this process."""
 
-    def __init__(self, dataset, batch: int, device: torch.device, workers: int = 0, bf16: bool = False,
+    def __init__(self, dataset, batch: int, device: torch.device, workers: int = 0, *, bf16: bool = False,
                  channels_last: bool = False):
         self.dataset, self.batch, self.device, self.workers = dataset, batch, device, workers
         self.bf16, self.channels_last = bf16, channels_last
         self.sums: list[torch.Tensor] = []
-        self.members = 0
+        self.count = 0  # members added so far
 
     @torch.no_grad()
     def add(self, model: torch.nn.Module) -> dict:
@@ -43,23 +43,23 @@ class RunningEnsemble:
         for i, (x, y, _) in enumerate(eval_loader(self.dataset, self.batch, self.device, self.workers)):
             y = y.to(self.device, non_blocking=True)
             probs = forward_eval(model, x, self.device, self.bf16, self.channels_last).softmax(dim=1)
-            if self.members == 0:
+            if self.count == 0:
                 self.sums.append(probs)
             else:
                 self.sums[i] += probs
             counts += torch.tensor([*topk_hits(probs, y), *topk_hits(self.sums[i], y), len(y)],
                                    dtype=torch.float64)
         model.train(was_training)
-        self.members += 1
+        self.count += 1
         dist.all_reduce_sum(counts)
         n = max(counts[4].item(), 1.0)
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n,
                 "ensemble_top1": counts[2].item() / n, "ensemble_top5": counts[3].item() / n,
-                "ensemble_members": self.members, "samples": int(counts[4].item())}
+                "ensemble_members": self.count, "samples": int(counts[4].item())}
 
     def probabilities(self) -> torch.Tensor:
         """Mean probabilities over the members, this process's samples in order."""
-        return torch.cat(self.sums) / max(self.members, 1)
+        return torch.cat(self.sums) / max(self.count, 1)
 
 
 def evaluate_snapshots(paths: list[Path], model: torch.nn.Module, ensemble: RunningEnsemble) -> dict:

@@ -28,7 +28,7 @@ def forward_eval(model: torch.nn.Module, x: torch.Tensor, device: torch.device, 
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset, batch: int, device: torch.device, workers: int = 0,
+def evaluate(model: torch.nn.Module, dataset, batch: int, device: torch.device, workers: int = 0, *,
              bf16: bool = False, channels_last: bool = False) -> dict:
     was_training = model.training
     model.eval()

@@ -123,7 +123,7 @@ def setup(cfg: Config, out: Path) -> Run:
                workers=default_workers(cfg.data, info.local_world_size))
 
 
-class PhaseTimer:
+class StepPartTimer:
     """Seconds per part of the step (`largebatch bench`); training uses NO_TIMER."""
 
     def __init__(self, device: torch.device):
@@ -202,9 +202,9 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
     meta = {"name": phase.name, "snapshot": phase.snapshot, "start": phase.start, "end": phase.end}
     dist.on_main(lambda: checkpoint.atomic_save(state_dict(run, phase.end, {**extra, "phase": meta}),
                                                 ensemble.snapshot_path(run.out, phase.snapshot)))
-    if members.members < phase.snapshot - 1:
+    if members.count < phase.snapshot - 1:
         scratch = build_model(run.cfg.model, run.train_set.channels, run.train_set.num_classes).to(run.device)
-        for index in range(members.members + 1, phase.snapshot):
+        for index in range(members.count + 1, phase.snapshot):
             scratch.load_state_dict(checkpoint.load(ensemble.snapshot_path(run.out, index))["model"])
             members.add(scratch)
     return members.add(run.model)
@@ -288,8 +288,8 @@ class Loop:
                               run.out / "tensorboard" if runlog.tensorboard_wanted(t.tensorboard) else None, start)
         self.log.truncate_after(start)  # lines past the checkpoint will be written again
         self.window = LogWindow(run.device, noise)
-        self.members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers, t.bf16,
-                                                t.channels_last)
+        self.members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers,
+                                                bf16=t.bf16, channels_last=t.channels_last)
         self.bar = tqdm(total=run.total_steps, initial=start, disable=None if run.info.is_main else True,
                         unit="step", dynamic_ncols=True)
         self.t0, self.wall_before, self.result = time.perf_counter(), wall_before, None
@@ -302,7 +302,7 @@ class Loop:
     def evaluate(self) -> dict:
         t = self.run.cfg.train
         return evaluate(self.run.model, self.run.val_set, t.eval_batch, self.run.device, self.run.workers,
-                        t.bf16, t.channels_last)
+                        bf16=t.bf16, channels_last=t.channels_last)
 
     def eval_due(self, done: int) -> bool:
         """Every train.eval_every_epochs, counted in the steps of the current batch size."""
