@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def main() -> None:
     results = {"environment": environment(), "cases": {}}
     for name, (overrides, batch, micro) in CASES.items():
         cfg = build_config({}, [*overrides, f"train.global_batch={batch}", f"train.micro_batch={micro}"])
-        run = setup(cfg, Path("/tmp/noise-cost"))
+        run = setup(cfg, Path(tempfile.mkdtemp()))
         steps = 20 if "resnet8" in name else 3
         off, on = [], []
         for _ in range(a.repeats):

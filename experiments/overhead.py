@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from largebatch import grad_sync
 from largebatch.bench import bench_config
-from largebatch.data import make_loader
 from largebatch.train import setup, train_step
 
 
@@ -39,11 +37,8 @@ def main() -> None:
     spec = {"model": a.model, "batch": a.batch, "image_size": 224, "classes": 1000, "channels": 3,
             "dtype": a.dtype, "channels_last": False, "threads": a.threads, "warmup": 0,
             "steps": 10 ** 6, "repeats": 1}
-    run = setup(bench_config(spec, 1), Path(tempfile.gettempdir()))
-    run.sync = grad_sync.build(run.model, run.device, 1, run.cfg.dist)
-    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(0, run.total_steps), 0, run.device))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    ours = lambda: train_step(run, batches, loss_fn)
+    run = setup(bench_config(spec, 1), Path(tempfile.mkdtemp()))
+    ours = lambda: train_step(run, run.batches, run.loss_fn)
 
     # the bare loop: torchvision's model, plain BatchNorm, SGD, a fixed batch
     torch.manual_seed(0)
@@ -54,7 +49,7 @@ def main() -> None:
     def bare():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model(x).float(), y)
+            loss = run.loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
 

@@ -91,16 +91,11 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
 
 
 def worker(spec: dict, out: Path) -> None:
-    from . import grad_sync
-    from .data import make_loader
     from .train import StepPartTimer, setup, train_step
 
     procs = int(os.environ["WORLD_SIZE"])
-    cfg = bench_config(spec, procs)
-    run = setup(cfg, Path(tempfile.gettempdir()))
-    run.sync = grad_sync.build(run.model, run.device, run.layout.accum_steps, cfg.dist)
-    batches = iter(make_loader(run.train_set, run.sampler.micro_batches(0, run.total_steps), 0, run.device))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    run = setup(bench_config(spec, procs), out.parent / "run")  # a scratch run directory beside the result
+    batches, loss_fn = run.batches, run.loss_fn
     for group in run.optimizer.param_groups:
         group["lr"] = 1e-3
     for _ in range(spec["warmup"]):
@@ -130,7 +125,7 @@ def worker(spec: dict, out: Path) -> None:
               "gradient_bytes": grad_bytes,
               "parameters": sum(p.numel() for p in run.model.parameters())}
     if procs > 1 and spec["allreduce"]:
-        bucket = int(cfg.dist.bucket_mb * 2**20)
+        bucket = int(run.cfg.dist.bucket_mb * 2**20)
         sizes = sorted({4 ** k for k in range(6, 13)} | {bucket, grad_bytes})  # 4 KB .. 16 MB, bucket, all
         # up to the bucket size at least: a small model's few hundred KB of gradients are
         # all latency, and a fit over them alone cannot see the bandwidth

@@ -47,7 +47,7 @@ def set_threads(requested: int, info: dist.DistInfo) -> int:
 
 @dataclass
 class Run:
-    """Everything the loop needs, built once."""
+    """Everything the loop needs, built once by setup()."""
     cfg: Config
     out: Path
     device: torch.device
@@ -61,7 +61,13 @@ class Run:
     phases: list
     total_steps: int
     workers: int
-    sync: grad_sync.Bucketed | grad_sync.Exact | None = None  # set once the weights are loaded
+    lock: RunLock
+    sync: grad_sync.Bucketed | grad_sync.Exact | None = None  # built on the loaded weights
+    loss_fn: torch.nn.Module | None = None
+    batches: object = None      # this process's micro-batches from `start` on
+    start: int = 0              # the first step (after a resume, the checkpoint's)
+    wall_before: float = 0.0    # wall seconds the run had spent before `start`
+    noise: NoiseScale | None = None
     skipped: set = field(default_factory=set)  # unreadable training files met by this process
 
 
@@ -83,7 +89,26 @@ def resolve_auto(cfg: Config, device: torch.device) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
 
 
-def setup(cfg: Config, out: Path) -> Run:
+def setup(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> Run:
+    """A run ready for its first step: the process group joined, data and model built,
+    the run directory locked, the newest intact checkpoint loaded on --resume, the
+    gradient sync built on the loaded weights, the run recorded in OUT."""
+    run = build(cfg, out)
+    try:
+        start_run(run, resume, allow_config_change)
+    except BaseException:
+        run.lock.release()
+        raise
+    run.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
+    augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
+    run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(run.start, run.total_steps, augment_at),
+                                   run.workers, run.device))
+    return run
+
+
+def build(cfg: Config, out: Path) -> Run:
+    """Device, process group, data, model, optimizer and schedule; nothing read or
+    written in the run directory yet."""
     info = dist.from_env()
     device = pick_device(info)
     cfg = resolve_auto(cfg, device)
@@ -120,7 +145,7 @@ def setup(cfg: Config, out: Path) -> Run:
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
                optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
                phases=phases, total_steps=phases[-1].end,
-               workers=default_workers(cfg.data, info.local_world_size))
+               workers=default_workers(cfg.data, info.local_world_size), lock=RunLock(out))
 
 
 class StepPartTimer:
@@ -211,16 +236,11 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
 
 
 def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
-    run = setup(cfg, Path(out))
-    lock, stop = RunLock(run.out), StopRequest()
+    run = setup(cfg, Path(out), resume, allow_config_change)
+    stop = StopRequest()
     try:
-        start, wall_before, noise = start_run(run, lock, resume, allow_config_change)
-        loop = Loop(run, stop, start, wall_before, noise)
-        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
-        augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
-        batches = iter(make_loader(run.train_set, run.sampler.micro_batches(start, run.total_steps, augment_at),
-                                   run.workers, run.device))
-        for step in range(start, run.total_steps):
+        loop = Loop(run, stop)
+        for step in range(run.start, run.total_steps):
             phase = phase_at(step, run.phases)
             if step == phase.start and phase.reset_momentum:
                 run.optimizer.state.clear()  # a cycle restarts from the weights alone
@@ -228,21 +248,21 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
             apply_schedule(run.optimizer, lr, phase.weight_decay)
             run.layout = run.sampler.segment_at(step).layout  # phases may change the global batch
             run.sync.accum_steps = run.layout.accum_steps
-            loop.window.add(train_step(run, batches, loss_fn), run.sync.take_sq_norms(), run.sync.take_seconds())
+            loop.window.add(train_step(run, run.batches, run.loss_fn), run.sync.take_sq_norms(),
+                            run.sync.take_seconds())
             loop.after_step(phase, step + 1, lr)
         return loop.finish()
     finally:
         stop.restore()
-        lock.release()
+        run.lock.release()
 
 
-def start_run(run: Run, lock: RunLock, resume: bool, allow_config_change: bool) -> tuple[int, float, NoiseScale | None]:
+def start_run(run: Run, resume: bool, allow_config_change: bool) -> None:
     """Lock the run directory, resume from the newest intact checkpoint when asked, build
-    the gradient sync on the loaded weights, and record the run. Returns (first step,
-    wall seconds before it, the noise-scale estimator)."""
+    the gradient sync on the loaded weights, and record the run."""
     t, info = run.cfg.train, run.info
     start, wall_before, state = 0, 0.0, {}
-    last, changes = dist.on_main(lambda: open_run_dir(run.out, run.cfg, lock, resume, allow_config_change))
+    last, changes = dist.on_main(lambda: open_run_dir(run.out, run.cfg, run.lock, resume, allow_config_change))
     if last is not None:
         state = checkpoint.load(last)
         try:
@@ -273,7 +293,7 @@ def start_run(run: Run, lock: RunLock, resume: bool, allow_config_change: bool) 
         if val_skipped:
             print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +
                   "\n  ".join(val_skipped[:20]), flush=True)
-    return start, wall_before, noise
+    run.start, run.wall_before, run.noise = start, wall_before, noise
 
 
 class Loop:
@@ -281,18 +301,18 @@ class Loop:
     every train.log_every_steps, then the pause points (evaluation, snapshot, checkpoint,
     a stop signal), whose time is kept out of images/s."""
 
-    def __init__(self, run: Run, stop: StopRequest, start: int, wall_before: float, noise: NoiseScale | None):
-        t = run.cfg.train
-        self.run, self.stop, self.start, self.noise = run, stop, start, noise
+    def __init__(self, run: Run, stop: StopRequest):
+        t, start = run.cfg.train, run.start
+        self.run, self.stop, self.start, self.noise = run, stop, start, run.noise
         self.log = MetricsLog(run.out / "metrics.jsonl" if run.info.is_main else None,
                               run.out / "tensorboard" if runlog.tensorboard_wanted(t.tensorboard) else None, start)
         self.log.truncate_after(start)  # lines past the checkpoint will be written again
-        self.window = LogWindow(run.device, noise)
+        self.window = LogWindow(run.device, run.noise)
         self.members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers,
                                                 bf16=t.bf16, channels_last=t.channels_last)
         self.bar = tqdm(total=run.total_steps, initial=start, disable=None if run.info.is_main else True,
                         unit="step", dynamic_ncols=True)
-        self.t0, self.wall_before, self.result = time.perf_counter(), wall_before, None
+        self.t0, self.wall_before, self.result = time.perf_counter(), run.wall_before, None
 
     def extra(self) -> dict:
         """What a checkpoint carries besides weights, optimizer and step."""
