@@ -96,13 +96,14 @@ def setup(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
     run = build(cfg, out)
     try:
         start_run(run, resume, allow_config_change)
+        run.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
+        augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
+        run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(run.start, run.total_steps,
+                                                                                augment_at),
+                                       run.workers, run.device))
     except BaseException:
         run.lock.release()
         raise
-    run.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
-    augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
-    run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(run.start, run.total_steps, augment_at),
-                                   run.workers, run.device))
     return run
 
 
