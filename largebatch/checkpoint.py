@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, write_failure
 
 LAST = "last.pt"
 DIGEST = ".sha256"
@@ -87,16 +87,9 @@ def atomic_save(obj: dict, path: Path) -> None:
     except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
         tmp_digest.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {_reason(h.error if h and h.error else e, path.parent)}; the previous "
+        raise CheckpointError(f"cannot write checkpoint {path}: {write_failure(h.error if h and h.error else e, path.parent)}; the previous "
                               f"checkpoint is unchanged") from None
     _fsync_dir(path.parent)
-
-
-def _reason(e: Exception, directory: Path) -> str:
-    free = shutil.disk_usage(directory).free if directory.exists() else None
-    if getattr(e, "errno", None) == 28 or (free is not None and free < 1 << 20):
-        return f"the disk is full ({free or 0} bytes free in {directory}): free space and resume with --resume"
-    return getattr(e, "strerror", None) or str(e).splitlines()[0]
 
 
 def _link_last(target: Path) -> None:

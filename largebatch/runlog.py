@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import platform
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, write_failure
 
 
 @contextlib.contextmanager
@@ -23,9 +22,7 @@ def writing(path: Path):
     try:
         yield
     except OSError as e:
-        free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.exists() else 0
-        full = " (the disk is full: free space, then resume with --resume)" if e.errno == 28 or free < 1 << 20 else ""
-        raise UserError(f"cannot write {path}: {e.strerror}{full}") from None
+        raise UserError(f"cannot write {path}: {write_failure(e, Path(path).parent)}") from None
 
 
 def environment() -> dict:
