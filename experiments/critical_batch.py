@@ -98,27 +98,63 @@ VARIANTS = {
 }
 
 
-def lr_grid(batch: int) -> list[float]:
+def lr_at(batch: int, p: float) -> float:
+    """The grid's LR at exponent p: lr(B) = 0.1 * (B / 128) ** p. At batch 128 itself the
+    exponent is read as a factor 2 ** (4 p - 3): p = 0.75 is the baseline LR, each quarter a
+    doubling, so the baseline is tuned on the same number of points as every other batch."""
     if batch == SMALL:
-        return [SMALL_LR / 2, SMALL_LR, SMALL_LR * 2]
-    return [round(SMALL_LR * (batch / SMALL) ** p, 4) for p in (0.5, 0.75, 1.0)]
+        return round(SMALL_LR * 2 ** (4 * p - 3), 4)
+    return round(SMALL_LR * (batch / SMALL) ** p, 4)
+
+
+def lr_grid(batch: int) -> list[float]:
+    """The first points of every batch's grid: the square-root, the 3/4 and the linear rule."""
+    return [lr_at(batch, p) for p in (0.5, 0.75, 1.0)]
+
+
+def tuned(batch: int, seed: int = 0) -> list[Run]:
+    """The LR search for one batch, grown from what has finished: p = 0.75 and 1, then one
+    more quarter in the better direction while the best is at an edge of what has been tried
+    (p from 0.25 to 1.25). Seeds other than 0 rerun the best LR of seed 0."""
+    if seed:
+        best = best_run(batch)
+        return [Run(batch, best.lr, seed)] if best else []
+    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25) if results_of(Run(batch, lr_at(batch, p)))]
+    while True:
+        ps = sorted(set(ps))
+        top1 = {p: res["summary"]["top1"] for p in ps if (res := results_of(Run(batch, lr_at(batch, p))))}
+        if len(top1) < len(ps):
+            break  # a run of the grid is still to do
+        best = max(top1, key=top1.get)
+        step = -0.25 if best == ps[0] else 0.25 if best == ps[-1] else 0
+        if not step or not 0.25 <= best + step <= 1.25:
+            break
+        ps.append(best + step)
+    return [Run(batch, lr_at(batch, p)) for p in sorted(set(ps))]
+
+
+def best_run(batch: int, variant: str = "") -> Run | None:
+    done = [(r, res) for r in tuned(batch) if (res := results_of(r))] if not variant else []
+    return max(done, key=lambda rv: rv[1]["summary"]["top1"])[0] if done else None
 
 
 def plan() -> list[Run]:
-    """In priority order: the batches that map to the paper's and the records' batches
-    (14K, 32K, 64K on ImageNet = 672, 1,536, 3,072 here) with the baseline first, then
-    the powers of two that trace the knee."""
-    runs = []
-    runs.append(Run(SMALL, SMALL_LR))
-    for b in (3072, 1536, 672):
-        runs += [Run(b, lr) for lr in lr_grid(b)]
-    runs += [Run(SMALL, lr) for lr in lr_grid(SMALL) if lr != SMALL_LR]
-    # what the records used at the largest batches, at 3,072's grid LRs
-    runs += [Run(3072, lr, variant=v) for v in ("lars", "ls", "nesterov") for lr in lr_grid(3072)[:2]]
+    """In priority order, re-read after every run (the LR searches grow from the results):
+    the baseline, the batches that map to the paper's and the records' batches (14K, 32K,
+    64K on ImageNet = 672, 1,536, 3,072 here), the baseline's own LR search, LARS at 3,072,
+    the second seeds the targets need, then the powers of two that trace the knee, then the
+    other recipe variants and batch-size control."""
+    runs = [Run(SMALL, SMALL_LR)]
+    for b in (3072, 1536, 672, SMALL):
+        runs += tuned(b)
+    runs += [Run(3072, lr, variant="lars") for lr in lr_grid(3072)[:2]]
+    for b in (SMALL, 672, 1536, 3072):
+        runs += tuned(b, seed=1)
+    for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
+        runs += tuned(b)
+    runs += [Run(3072, lr, variant=v) for v in ("ls", "nesterov") for lr in lr_grid(3072)[:2]]
     runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
-    for b in (1024, 4096, 256, 8192, 512, 2048, 16384):
-        runs += [Run(b, lr) for lr in lr_grid(b)]
-    return runs
+    return list(dict.fromkeys(runs))
 
 
 def results_of(run: Run) -> dict | None:
@@ -223,7 +259,7 @@ def plot(best: dict, by_batch: dict, knee, path: Path) -> None:
     xs = sorted(by_batch)
     a2.plot(xs, [100 * best[b][1]["summary"]["top1"] for b in xs], marker="o", label="best LR of the grid")
     linear = [(b, 100 * res["summary"]["top1"]) for b in xs for r, res in by_batch[b]
-              if r.lr == max(lr_grid(b)) and not r.variant]
+              if r.lr == lr_at(b, 1.0) and not r.variant]
     if linear:
         a2.plot(*zip(*linear), marker="s", linestyle="--", label="linear rule")
     a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)", title=f"accuracy at {EPOCHS} epochs")
@@ -351,11 +387,14 @@ def main() -> None:
         return
     if not a.report:
         done = 0
-        for r in runs:
-            if results_of(r) is None and (not a.max_runs or done < a.max_runs):
-                run_one(r)
-                done += 1
-    report(runs, ROOT / "docs/RESULTS.md")
+        while not a.max_runs or done < a.max_runs:
+            todo = next((r for r in plan() if results_of(r) is None), None)
+            if todo is None:
+                break
+            run_one(todo)
+            done += 1
+            report(plan(), ROOT / "docs/RESULTS.md")
+    report(plan(), ROOT / "docs/RESULTS.md")
 
 
 if __name__ == "__main__":
