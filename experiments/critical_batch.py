@@ -13,6 +13,7 @@ there is never trained again, so the study continues across machines and session
     python experiments/critical_batch.py --report      # only regenerate the report from results
     python experiments/critical_batch.py --max-runs 1  # train at most one missing run
     python experiments/critical_batch.py --save-partial  # keep unfinished runs' checkpoints in git
+    touch runs/critical_batch/STOP                     # stop after the run in progress
 
 Recipe (fixed for every batch, so only LR and warmup vary): fmnist-baseline (ResNet-8,
 bf16, no augmentation, wd 5e-4 off BN and biases, BN over groups of 32 samples) with
@@ -166,6 +167,7 @@ def results_of(run: Run) -> dict | None:
             "evals": [x for x in lines if x.get("eval")]}
 
 
+STOP = RUNS / "STOP"  # touch it to end the study after the run in progress (then remove it)
 PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committed when a session ends
 
 
@@ -387,7 +389,7 @@ def main() -> None:
         return
     if not a.report:
         done = 0
-        while not a.max_runs or done < a.max_runs:
+        while (not a.max_runs or done < a.max_runs) and not STOP.exists():
             todo = next((r for r in plan() if results_of(r) is None), None)
             if todo is None:
                 break
