@@ -74,7 +74,7 @@ class Run:
                 "--epochs", f"{self.epochs:g}",
                 "--set", f"schedule.peak_lr={self.lr:.6g}",
                 "--set", f"schedule.warmup_epochs={warmup_epochs(self.batch):g}",
-                "--set", "schedule.warmup_start_lr=0.0",
+                "--set", "schedule.warmup_start=0.0",
                 "--set", "schedule.decay=cosine",
                 "--set", "model.zero_init_gamma=none",
                 "--set", f"train.seed={self.seed}",

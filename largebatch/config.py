@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,7 +96,34 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True, slots=True)
-class ScheduleConfig:
+class ShapeConfig:
+    """The LR's shape over a stretch of training: the whole run (`schedule`) or one of
+    its `phases`. LR values are multiples of the peak LR, so a shape keeps its form when
+    the global batch, and with it the peak, changes."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from warmup_start to the peak over the first epochs."""
+    warmup_start: float = 0.0
+    """LR at the start of warmup, as a multiple of the peak (Goyal et al. start at the
+    small-batch LR: 0.1 of a peak of 3.2 is 0.03125)."""
+    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
+    poly_power: float = 1.0
+    horizon_epochs: float | None = None
+    """Where poly/cosine reach their end, counted from the start of the stretch; None =
+    its length."""
+    final: float = 0.0
+    """Cosine floor, as a multiple of the peak."""
+    milestones: list[float] = field(default_factory=list)
+    """Step decay: epochs from the start of the stretch at which the LR is multiplied by gamma."""
+    gamma: float = 0.1
+
+
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(ShapeConfig))
+
+
+@dataclass(kw_only=True, slots=True)
+class ScheduleConfig(ShapeConfig):
+    """The LR rule (what the peak LR is) and, when the recipe has no `phases`, the shape
+    of the whole run: a single schedule is one phase."""
     base_lr: float = 0.1
     """LR at reference_batch; the peak LR is base_lr * (global_batch / reference_batch),
     to the power 1 (linear rule) or 1/2 (square-root rule)."""
@@ -104,42 +132,18 @@ class ScheduleConfig:
     """How the peak LR follows the batch: linear (Goyal et al.) or square root (keeps the
     update's noise constant; often better past the critical batch, docs/RESULTS.md)."""
     peak_lr: float | None = None
-    """Explicit peak LR instead of the rule (the authors used 4.8 at 14,336); batch
+    """Explicit peak LR instead of the rule (the SC18 authors used 4.8 at 14,336); batch
     phases scale it by the rule relative to train.global_batch."""
-    warmup_epochs: float = 0.0
-    warmup_start_lr: float = 0.0
-    """LR at step 0 of warmup; the LR rises linearly to the peak over warmup_epochs."""
-    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
-    poly_power: float = 1.0
-    horizon_epochs: float | None = None
-    """Where poly/cosine reach their end, counted from step 0; None = run length."""
-    final_lr: float = 0.0
-    """Cosine floor."""
-    milestones: list[float] = field(default_factory=list)
-    """Step decay: epochs at which the LR is multiplied by gamma."""
-    gamma: float = 0.1
 
 
 @dataclass(kw_only=True, slots=True)
-class PhaseConfig:
-    """One phase of a phased schedule (main, cycle, collapse). LR values are multiples
-    of the recipe's peak LR (schedule.peak_lr, or the linear scaling rule), so a phase
-    list keeps its shape when the global batch changes."""
+class PhaseConfig(ShapeConfig):
+    """One phase of a phased schedule (main, cycle, collapse), with the shape keys of
+    `schedule` and the same meaning, counted from the phase start."""
     name: str = "phase"
     epochs: float = 1.0
     peak: float = 1.0
-    warmup_epochs: float = 0.0
-    """Linear (re-)warmup from warmup_start to peak over the phase's first epochs."""
-    warmup_start: float = 0.0
-    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
-    poly_power: float = 1.0
-    horizon_epochs: float | None = None
-    """Where poly/cosine reach their end, counted from the phase start; None = phase length."""
-    final: float = 0.0
-    """Cosine floor."""
-    milestones: list[float] = field(default_factory=list)
-    """Step decay points, in epochs from the phase start."""
-    gamma: float = 0.1
+    """This phase's peak as a multiple of the recipe's peak LR."""
     weight_decay: float | None = None
     """None = optim.weight_decay."""
     augment: bool | None = None
@@ -299,10 +303,21 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {key}")
 
 
+# Keys of earlier versions, with what replaces them.
+RENAMED = {
+    "schedule.warmup_start_lr": "schedule.warmup_start, now a multiple of the peak LR like the "
+                                "phases' warmup_start (a start of 0.1 at a peak of 0.4 is 0.25)",
+    "schedule.final_lr": "schedule.final, now a multiple of the peak LR like the phases' final",
+}
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if prefix + key in RENAMED:
+            raise ConfigError(f"{prefix}{key} is no longer a key: use {RENAMED[prefix + key]}")
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
     kwargs = {k: _check_value(v, hints[k], prefix + k) for k, v in data.items()}
@@ -343,7 +358,24 @@ def build_config(recipe: dict, overrides: list[str] = ()) -> Config:
         data = deep_merge(data, parse_override(item))
     cfg = from_dict(Config, data)
     validate(cfg)
+    unused = unused_shape(cfg)
+    if unused:
+        print(f"largebatch: note: the phases define the LR's shape, each with its own keys; not used and "
+              f"reset: {', '.join(unused)}", file=sys.stderr, flush=True)
     return cfg
+
+
+def unused_shape(cfg: Config) -> list[str]:
+    """With phases, the schedule's own shape keys (often inherited from a base recipe)
+    have no effect: reset them, so that config.yaml shows what the run uses."""
+    if not cfg.phases:
+        return []
+    default, unused = ShapeConfig(), []
+    for key in SHAPE_KEYS:
+        if getattr(cfg.schedule, key) != getattr(default, key):
+            unused.append(f"schedule.{key}={getattr(cfg.schedule, key)}")
+            setattr(cfg.schedule, key, getattr(default, key))
+    return unused
 
 
 def validate(cfg: Config) -> None:
@@ -365,8 +397,8 @@ def validate(cfg: Config) -> None:
     need(t.eval_batch > 0, "train.eval_batch must be positive")
     need(s.base_lr >= 0, f"schedule.base_lr must be >= 0, got {s.base_lr}")
     need(s.peak_lr is None or s.peak_lr >= 0, f"schedule.peak_lr must be >= 0, got {s.peak_lr}")
-    need(s.warmup_start_lr >= 0, f"schedule.warmup_start_lr must be >= 0, got {s.warmup_start_lr}")
-    need(s.final_lr >= 0, f"schedule.final_lr must be >= 0, got {s.final_lr}")
+    need(s.warmup_start >= 0, f"schedule.warmup_start must be >= 0, got {s.warmup_start}")
+    need(s.final >= 0, f"schedule.final must be >= 0, got {s.final}")
     need(s.reference_batch > 0, "schedule.reference_batch must be positive")
     need(s.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0")
     need(s.horizon_epochs is None or s.horizon_epochs > 0, "schedule.horizon_epochs must be positive")

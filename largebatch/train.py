@@ -25,7 +25,7 @@ from .noise_scale import NoiseScale
 from .preempt import StopRequest
 from .models import TORCHVISION, build_model, group_bn, model_channels
 from .optim import apply_schedule, build_optimizer
-from .optim.schedule import build_phases, phase_at, phase_lr
+from .optim.schedule import build_phases, lr_at, phase_at
 from .runlog import MetricsLog, environment, summary_table, write_json, write_text
 
 
@@ -245,7 +245,7 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
             phase = phase_at(step, run.phases)
             if step == phase.start and phase.reset_momentum:
                 run.optimizer.state.clear()  # a cycle restarts from the weights alone
-            lr = phase_lr(step - phase.start, phase)
+            lr = lr_at(step, run.phases)
             apply_schedule(run.optimizer, lr, phase.weight_decay)
             run.layout = run.sampler.segment_at(step).layout  # phases may change the global batch
             run.sync.accum_steps = run.layout.accum_steps

@@ -45,10 +45,29 @@ def test_set_overrides_with_types():
     ("schedule.milestones=[5, 2]", "schedule.milestones must be increasing"),
     ("nonsense", "--set expects KEY=VALUE"),
     ("model.sync_bn=true", "set model.bn_group_size=0 with it"),
+    ("schedule.warmup_start_lr=0.1", "schedule.warmup_start_lr is no longer a key: use schedule.warmup_start"),
+    ("schedule.final_lr=0.0", "use schedule.final, now a multiple of the peak LR"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
         build_config(load_recipe("fmnist-large"), [override])
+
+
+def test_one_schedule_vocabulary_a_single_schedule_is_one_phase(capsys):
+    """The schedule's shape keys are the phases' keys with the same meaning, so stating the
+    shape once in `schedule` or as one phase gives the same LR at every step."""
+    from largebatch.optim.schedule import build_phases, lr_at
+    shape = {"warmup_epochs": 2, "warmup_start": 0.125, "decay": "cosine", "final": 0.1}
+    single = build_config({"train": {"global_batch": 1024, "epochs": 6}, "schedule": {"base_lr": 0.2, **shape}})
+    phased = build_config({"train": {"global_batch": 1024, "epochs": 6}, "schedule": {"base_lr": 0.2},
+                           "phases": [{"name": "main", "epochs": 6, "snapshot": False, **shape}]})
+    a, b = build_phases(single, 10), build_phases(phased, 10)
+    assert [lr_at(s, a) for s in range(60)] == [lr_at(s, b) for s in range(60)]
+    assert lr_at(0, a) == pytest.approx(0.1) and lr_at(59, a) == pytest.approx(0.08, rel=0.01)
+    # With phases, the schedule's shape (here as a base recipe would leave it) is reset, with a note.
+    both = build_config({"train": {"epochs": 6}, "schedule": shape, "phases": [{"epochs": 6}]})
+    assert (both.schedule.warmup_epochs, both.schedule.decay) == (0.0, "poly")
+    assert "not used and reset: schedule.warmup_epochs=2.0, schedule.warmup_start=0.125, schedule.decay=cosine" in capsys.readouterr().err
 
 
 def test_layout_arithmetic():

@@ -46,7 +46,9 @@ def test_param_groups_by_module_type_catch_downsample_bn():
     assert any(p is model.fc.weight for p in decay["params"])
     n_bn = sum(1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert len(rest["params"]) == 2 * n_bn + 1
-    assert rest["weight_decay"] == 0.0 and decay["weight_decay"] == 5e-5
+    assert rest["wd_scale"] == 0.0 and decay["wd_scale"] == 1.0
+    opt = build_optimizer(model, OptimConfig(exclude_bn_bias_from_wd=True))
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-5, 0.0]  # set once, by apply_schedule
 
 
 def test_apply_schedule_keeps_excluded_group_at_zero_wd():

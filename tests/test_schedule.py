@@ -106,7 +106,7 @@ def test_sc18_run_b_matches_the_table_in_paper_md():
 
 def test_ensemble_generator_splits_the_budget_into_main_cycles_and_collapse():
     cfg = build_config({"train": {"global_batch": 1024, "epochs": 12}, "optim": {"weight_decay": 5e-4},
-                        "schedule": {"base_lr": 0.2, "decay": "cosine", "warmup_epochs": 2, "warmup_start_lr": 0.1},
+                        "schedule": {"base_lr": 0.2, "decay": "cosine", "warmup_epochs": 2, "warmup_start": 0.125},
                         "ensemble": {"cycles": 3}})
     spe = 58
     phases = build_phases(cfg, spe)

@@ -22,20 +22,22 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
                 no_decay.append(p)
             else:
                 decay.append(p)
-    wd_rest = 0.0 if cfg.exclude_bn_bias_from_wd else cfg.weight_decay
+    # A group's weight decay is wd_scale times the schedule's, written by apply_schedule.
     return [
-        {"params": decay, "weight_decay": cfg.weight_decay, "adapt": True, "wd_scale": 1.0},
-        {"params": no_decay, "weight_decay": wd_rest, "adapt": False,
-         "wd_scale": 0.0 if cfg.exclude_bn_bias_from_wd else 1.0},
+        {"params": decay, "adapt": True, "wd_scale": 1.0},
+        {"params": no_decay, "adapt": False, "wd_scale": 0.0 if cfg.exclude_bn_bias_from_wd else 1.0},
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.name == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                    trust=cfg.lars_trust, eps=cfg.lars_eps)
-    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        optimizer = LARS(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                         trust=cfg.lars_trust, eps=cfg.lars_eps)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    apply_schedule(optimizer, 0.0, cfg.weight_decay)
+    return optimizer
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

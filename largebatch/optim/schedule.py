@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from ..config import Config, ConfigError, EnsembleConfig, PhaseConfig
+from ..config import SHAPE_KEYS, Config, ConfigError, EnsembleConfig, PhaseConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +88,8 @@ def phase_configs(cfg: Config, total_epochs: float) -> list[PhaseConfig]:
     main phase, split into a Collapsed Ensemble when ensemble.cycles > 0."""
     if cfg.phases:
         return list(cfg.phases)
-    s, peak = cfg.schedule, peak_lr(cfg)
-    rel = (lambda lr: lr / peak) if peak > 0 else (lambda lr: 0.0)
-    main = PhaseConfig(name="main", epochs=total_epochs, peak=1.0, warmup_epochs=s.warmup_epochs,
-                       warmup_start=rel(s.warmup_start_lr), decay=s.decay, poly_power=s.poly_power,
-                       horizon_epochs=s.horizon_epochs, final=rel(s.final_lr), milestones=list(s.milestones),
-                       gamma=s.gamma, snapshot=False)
+    shape = {key: getattr(cfg.schedule, key) for key in SHAPE_KEYS}
+    main = PhaseConfig(name="main", epochs=total_epochs, snapshot=False, **shape)
     if cfg.ensemble.cycles:
         return collapsed_ensemble(main, cfg.ensemble, total_epochs, cfg.optim.weight_decay)
     return [main]
