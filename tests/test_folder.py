@@ -7,6 +7,7 @@ import torch
 from largebatch.config import ConfigError, DataConfig
 from largebatch.data import build_dataset
 from largebatch.data.folder import random_resized_crop, scan
+from largebatch.data.shards import pack
 from largebatch.data.sampler import BatchSpec
 
 from conftest import run_cli
@@ -63,8 +64,11 @@ def test_random_resized_crop_respects_area_and_aspect():
 def test_class_mismatch_and_empty_class_are_errors(tmp_path):
     root = make_tree(tmp_path / "a", per_class=1, val_per_class=1, classes=["cat", "coffee"])
     (root / "val" / "coffee").rename(root / "val" / "tea")
-    with pytest.raises(ConfigError, match="class folders differ"):
+    with pytest.raises(ConfigError, match="the train and val splits have different classes"):
         build_dataset(folder_cfg(root), "val", 0)
+    with pytest.raises(ConfigError, match="pack: .* different classes \\(coffee, tea\\)"):
+        pack(root, tmp_path / "packed")  # refused before any shard is written
+    assert not (tmp_path / "packed").exists()
     (root / "train" / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no images"):
         build_dataset(folder_cfg(root), "train", 0)

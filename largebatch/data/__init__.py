@@ -11,7 +11,7 @@ import torch
 
 from .. import dist
 from ..config import ConfigError, DataConfig
-from . import checks, fmnist, shards
+from . import checks, fmnist, folder, shards
 from .folder import ImageFolder, ImageSet
 from .sampler import BatchSpec
 from .synthetic import Synthetic
@@ -66,17 +66,14 @@ def _build(cfg: DataConfig, split: str, seed: int):
             raise ConfigError("data.path: folder data needs --data ROOT (ROOT/train/CLASS/*.jpg, ROOT/val/...)")
         ds = ImageFolder(Path(cfg.path), split, cfg, seed, train)
         if not train:
-            train_classes = sorted(d.name for d in (Path(cfg.path) / "train").iterdir() if d.is_dir())
-            if train_classes != ds.classes:
-                extra = sorted(set(ds.classes) ^ set(train_classes))
-                raise ConfigError(f"data.path: train/ and val/ class folders differ ({', '.join(extra[:5])})")
+            checks.same_classes(folder.class_names(Path(cfg.path) / "train"), ds.classes, f"data.path {cfg.path}")
         return ds
     if cfg.name == "shards":
         if not cfg.path:
             raise ConfigError("data.path: shard data needs --data DIR (the output of `largebatch pack`)")
         ds = shards.Shards(Path(cfg.path), split, cfg, seed, train)
         if not train and (Path(cfg.path) / "train" / "index.json").exists():
-            shards.check_classes(Path(cfg.path))
+            checks.same_classes(shards.class_names(Path(cfg.path) / "train"), ds.classes, f"data.path {cfg.path}")
         return ds
     n = cfg.synthetic_samples if train else max(cfg.synthetic_samples // 4, 1)
     return Synthetic(n, cfg.synthetic_classes, cfg.synthetic_channels, cfg.synthetic_size,

@@ -10,6 +10,15 @@ from .folder import ImageSet, UnreadableImage
 from .sampler import BatchSpec
 
 
+def same_classes(train: list[str], val: list[str], where: str) -> None:
+    """Labels are class indices in sorted-name order: two splits with different class
+    names would score every prediction against the wrong class."""
+    if train != val:
+        differ = sorted(set(train) ^ set(val))
+        raise ConfigError(f"{where}: the train and val splits have different classes "
+                          f"({', '.join(differ[:5])}); make their class folders agree")
+
+
 class Subset:
     """A dataset without some of its samples (the unreadable validation files)."""
 

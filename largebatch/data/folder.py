@@ -15,11 +15,15 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".webp", ".
 CROP_ATTEMPTS = 10
 
 
-def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+def class_names(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise ConfigError(f"data.path: no folder {split_dir} (expected ROOT/train/CLASS/*.jpg and "
                           f"ROOT/val/CLASS/*.jpg)")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+
+
+def scan(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    classes = class_names(split_dir)
     if not classes:
         raise ConfigError(f"data.path: {split_dir} has no class folders")
     samples = []

@@ -29,7 +29,9 @@ from PIL import Image
 
 from .. import dist
 from ..config import ConfigError, DataConfig
+from . import checks
 from .folder import ImageSet, UnreadableImage, scan
+from .folder import class_names as class_names_of_folder
 
 SPLITS = ("train", "val")
 
@@ -124,6 +126,8 @@ def pack(src: Path, dst: Path, shard_bytes: int = 1 << 30, resize_shorter: int =
     splits = [s for s in SPLITS if (src / s).is_dir()]
     if not splits:
         raise ConfigError(f"pack: {src} has neither train/ nor val/ (expected SRC/train/CLASS/*.jpg)")
+    if len(splits) == 2:  # before hours of packing
+        checks.same_classes(class_names_of_folder(src / "train"), class_names_of_folder(src / "val"), f"pack: {src}")
     workers = workers or dist.usable_cores()
     report = {}
     for split in splits:
@@ -131,16 +135,11 @@ def pack(src: Path, dst: Path, shard_bytes: int = 1 << 30, resize_shorter: int =
         meta = pack_split(src / split, dst / split, shard_bytes, resize_shorter, workers, strict)
         report[split] = {"samples": meta["samples"], "shards": len(meta["shards"]),
                          "skipped": meta["skipped"], "seconds": round(time.time() - t0, 1)}
-    if "train" in report and "val" in report:
-        check_classes(dst)
     return report
 
 
-def check_classes(root: Path) -> None:
-    names = {s: json.loads((root / s / "index.json").read_text())["classes"] for s in SPLITS}
-    if names["train"] != names["val"]:
-        extra = sorted(set(names["train"]) ^ set(names["val"]))
-        raise ConfigError(f"data.path: train and val shards have different classes ({', '.join(extra[:5])})")
+def class_names(split_dir: Path) -> list[str]:
+    return json.loads((split_dir / "index.json").read_text())["classes"]
 
 
 class Shards(ImageSet):
