@@ -145,7 +145,8 @@ def shutdown() -> None:
 
 
 def active() -> bool:
-    return td.is_initialized() and td.get_world_size() > 1
+    """Several processes in a joined group (the world size is _INFO's, the one source)."""
+    return _INFO.world_size > 1 and td.is_initialized()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ def gather_union(items: set) -> list:
     """The sorted union of every process's set (small sets: names of skipped files)."""
     if not active():
         return sorted(items)
-    gathered = [None] * td.get_world_size()
+    gathered = [None] * _INFO.world_size
     td.all_gather_object(gathered, sorted(items))
     return sorted(set().union(*gathered))
 
