@@ -57,7 +57,7 @@ def _eval_setup(state: dict, data: str | None):
         cfg.data.path = data
     info = dist.from_env()
     device = pick_device(info)
-    dist.init(device, info)
+    dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     set_threads(cfg.train.threads, info)
     val = build_dataset(cfg.data, "val", cfg.train.seed)
     trained_on = state.get("class_names")

@@ -228,6 +228,13 @@ class DistConfig:
     """All-reduce gradients in bf16 (half the bytes; the sum is rounded to bf16)."""
     bucket_mb: float = 25.0
     """DDP gradient bucket size: buckets are all-reduced while backward goes on."""
+    interface: str = "auto"
+    """Network interface for the collectives (gloo, NCCL sockets): "auto" = the one
+    that reaches the rendezvous host (MASTER_ADDR); or a name such as eth0. An exported
+    GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME wins over both."""
+    connect_timeout_s: float = 120.0
+    """How long a process tries to reach the rendezvous host before it gives up with a
+    message naming it."""
     exact_reduction: bool = False
     """Sum micro-batch gradients in fp64 across micro-steps and processes, so that every
     process layout computes the same weights to the last bit (fp32 sums round in an

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as td
 
+from . import netif
 from .config import ConfigError, TrainConfig
 from .errors import UserError
 
@@ -114,10 +115,21 @@ def info() -> DistInfo:
     return _INFO
 
 
-def init(device: torch.device, info: DistInfo | None = None) -> DistInfo:
+_NETWORK: dict = {}
+
+
+def network() -> dict:
+    """The interface the collectives use and why (run.json); empty with one process."""
+    return dict(_NETWORK)
+
+
+def init(device: torch.device, info: DistInfo | None = None, interface: str = "auto",
+         connect_timeout_s: float = 120.0) -> DistInfo:
     """Join the process group (when > 1 process) as `info` says (default: the launcher's
-    environment, read once here or by the caller that chose the device with it)."""
-    global _INFO
+    environment, read once here or by the caller that chose the device with it).
+    `interface`: the network interface for the collectives, "auto" = the one that
+    reaches the rendezvous host (netif.py)."""
+    global _INFO, _NETWORK
     _INFO = info or from_env()
     if _INFO.world_size > 1 and not td.is_initialized():
         # torchrun sets these. Under srun the first node of the allocation hosts the
@@ -125,17 +137,34 @@ def init(device: torch.device, info: DistInfo | None = None) -> DistInfo:
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
         os.environ.setdefault("MASTER_ADDR", first_host(nodelist) if nodelist else "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        if _INFO.world_size > _INFO.local_world_size and netif.is_loopback(addr):
+            # torchrun's c10d rendezvous hands out the rank-0 host's name; where that name
+            # resolves to 127.0.0.1 the other hosts would dial themselves and wait.
+            raise UserError(f"MASTER_ADDR is {addr}, a loopback address the other hosts cannot reach, in a "
+                            f"run of {_INFO.world_size} processes over several hosts: with torchrun pass "
+                            f"--local-addr <this host's address> on every host (or make the host name resolve "
+                            f"to a reachable address); with other launchers export MASTER_ADDR")
+        _NETWORK = netif.choose(addr, port, interface)
+        netif.apply(_NETWORK)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(minutes=30)
         # Under torchrun the agent hosts the store and keeps it across restarts; keys
         # of a killed attempt would be read by the next one (gloo then dials a dead
         # peer), so every attempt gets its own key prefix.
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = td.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _INFO.world_size,
-                            is_master=_INFO.rank == 0 and not agent_store, timeout=timeout)
+        try:
+            # A short timeout to reach the store, so an unreachable host is an error in
+            # minutes; the long one afterwards, for ranks that wait on slow peers.
+            store = td.TCPStore(addr, port, _INFO.world_size, is_master=_INFO.rank == 0 and not agent_store,
+                                timeout=datetime.timedelta(seconds=connect_timeout_s))
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"cannot reach the rendezvous host {addr}:{port} within {connect_timeout_s:g} s "
+                            f"({str(e).splitlines()[0][:160]}); check that rank 0 is running and that "
+                            f"MASTER_ADDR/MASTER_PORT name it") from None
+        store.set_timeout(datetime.timedelta(minutes=30))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         td.init_process_group(backend, store=td.PrefixStore(f"largebatch/attempt_{attempt}", store),
-                              rank=_INFO.rank, world_size=_INFO.world_size, timeout=timeout)
+                              rank=_INFO.rank, world_size=_INFO.world_size, timeout=datetime.timedelta(minutes=30))
     return _INFO
 
 

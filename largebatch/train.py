@@ -113,7 +113,7 @@ def build(cfg: Config, out: Path) -> Run:
     info = dist.from_env()
     device = pick_device(info)
     cfg = resolve_auto(cfg, device)
-    dist.init(device, info)
+    dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     set_threads(cfg.train.threads, info)
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
@@ -289,7 +289,8 @@ def start_run(run: Run, resume: bool, allow_config_change: bool) -> None:
             "micro_batch": run.layout.micro_batch, "steps_per_epoch": run.sampler.steps_per_epoch,
             "total_steps": run.total_steps,
             "global_batch_from_step": {s.start: s.layout.global_batch for s in run.sampler.segments},
-            "resumed_from_step": start, "resumed_from": str(last) if last else None, "config_changes": changes})
+            "network": dist.network(), "resumed_from_step": start, "resumed_from": str(last) if last else None,
+            "config_changes": changes})
         val_skipped = getattr(run.val_set, "skipped_files", [])
         if val_skipped:
             print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +

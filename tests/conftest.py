@@ -51,3 +51,24 @@ def small_disk(tmp_path):
     yield make
     for d in mounts:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def cluster():
+    """cluster(hosts, rate=None) -> a running largebatch.cluster.Cluster, torn down after
+    the test. Skipped where namespaces cannot be made (not root); CI must make them."""
+    from largebatch.cluster import Cluster, available
+    reason = available()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the multi-host tests, but a cluster cannot be made here: {reason}")
+        pytest.skip(f"no cluster of namespaces here: {reason}")
+    made = []
+
+    def make(hosts: int, rate: str | None = None):
+        made.append(Cluster(hosts, rate=rate).__enter__())
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()

@@ -1,0 +1,87 @@
+"""Several hosts for real: network namespaces on a bridge (largebatch.cluster), each
+with its own interface and address, and the launchers users run across nodes."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from largebatch import checkpoint, netif
+from largebatch.config import ConfigError
+
+from conftest import ROOT, run_cli
+from test_train import TINY
+
+ARGS = [*TINY, "--steps", "4", "--set", "dist.exact_reduction=true", "--set", "data.eval_samples=200"]
+
+
+def same_weights(a, b):
+    one, two = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    return all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_interface_choice_follows_the_route_and_yields_to_the_user(monkeypatch):
+    for var in netif.ENV:
+        monkeypatch.delenv(var, raising=False)
+    one_host = netif.choose("127.0.0.1", 29500, "auto")
+    assert one_host["interface"] is None and "loopback" in one_host["chosen_by"]
+    assert netif.choose("127.0.0.1", 29500, "lo")["interface"] == "lo"
+    with pytest.raises(ConfigError, match="dist.interface: no interface 'nosuch0'"):
+        netif.choose("127.0.0.1", 29500, "nosuch0")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    assert netif.choose("127.0.0.1", 29500, "auto") == {"interface": "eth7",
+                                                        "chosen_by": "GLOO_SOCKET_IFNAME set in the environment"}
+
+
+def test_unreachable_rendezvous_host_is_one_line_in_bounded_time(tmp_path):
+    """A process that is not rank 0 and finds nobody at MASTER_ADDR:MASTER_PORT."""
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29593"}
+    t0 = time.time()
+    proc = run_cli("train", *ARGS, "--set", "dist.connect_timeout_s=3", "--out", tmp_path / "r", env=env,
+                   check=False, timeout=120)
+    assert proc.returncode == 2 and time.time() - t0 < 60
+    assert "cannot reach the rendezvous host 127.0.0.1:29593 within 3 s" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # the same process told it is one of two hosts: a loopback MASTER_ADDR cannot be right
+    proc = run_cli("train", *ARGS, "--out", tmp_path / "r", check=False,
+                   env={**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "localhost"})
+    assert proc.returncode == 2 and "MASTER_ADDR is localhost, a loopback address" in proc.stderr
+    assert "--local-addr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def torchrun_on(cluster, host: int, rdzv: str, out, port: int, extra=()) -> list[str]:
+    master = cluster.hosts[0].address
+    if rdzv == "static":
+        launch = ["--node_rank", str(host), "--master_addr", master, "--master_port", str(port)]
+    else:
+        # torchrun decides which agent hosts the c10d store by matching the endpoint against
+        # the addresses its host name resolves to, and hands the workers the rank-0 host's
+        # name as MASTER_ADDR; with the host name resolving to 127.0.0.1 (as here, and in
+        # many containers) both go wrong, so each host states its address (docs/launching.md).
+        launch = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master}:{port}", "--rdzv_id", "t",
+                  "--rdzv_conf", f"is_host={str(host == 0).lower()}", "--local-addr", cluster.hosts[host].address]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", *launch,
+            *extra, "-m", "largebatch", "train", *ARGS, "--out", str(out)]
+
+
+@pytest.mark.parametrize("rdzv", ["static", "c10d"])
+def test_torchrun_across_two_hosts_picks_the_interface_and_matches_one_process(tmp_path, fmnist_dir, cluster, rdzv):
+    """Both hosts' names resolve to 127.0.0.1 (the namespaces share the machine's host
+    name): without the interface choice, gloo advertises that and the run dies in
+    connectFullMesh."""
+    c = cluster(2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in netif.ENV:
+        env.pop(var, None)
+    procs = [c.run(h, torchrun_on(c, h, rdzv, tmp_path / "two", 29511), cwd=ROOT, env=env, text=True,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for h in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    network = json.loads((tmp_path / "two/run.json").read_text())["network"]
+    assert network["interface"] == "eth0" and network["address"] in {h.address for h in c.hosts}
+    run_cli("train", *ARGS, "--out", tmp_path / "one")
+    assert same_weights(tmp_path / "one/checkpoints/last.pt", tmp_path / "two/checkpoints/last.pt")
