@@ -2,20 +2,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Debian packages: the dataset, and Open MPI for the multi-host tests.
+DEBS := dataset-fashion-mnist openmpi-bin
 
-.PHONY: install demo test clean
+.PHONY: install debs demo test clean
 
-install: $(VENV)/.installed $(FMNIST)
+install: $(VENV)/.installed debs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-$(FMNIST):
-	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+debs:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 
 # fmnist-large (global batch 1024) with two processes on one machine.
 demo: install
