@@ -71,18 +71,18 @@ class NoiseScale:
             return {}
         smooth = Estimate(self._g / self._weight, self._s / self._weight)
         return {"grad_sq": smooth.grad_sq, "trace_cov": smooth.trace_cov, "noise_scale": smooth.noise_scale,
-                "noise_batches": list(self.batches)}
+                "noise_batches": list(self.batches) if self.batches else None}
 
     def run_mean(self) -> float | None:
         """B_simple from the whole run's averages (what summary.json reports)."""
         return Estimate(self._sum_g, self._sum_s).noise_scale if self._weight else None
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s")}
+        return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s", "batches")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
-            setattr(self, k, v)
+            setattr(self, k, tuple(v) if k == "batches" and v is not None else v)
 
 
 def batches(world_size: int, accum_steps: int, micro_batch: int) -> tuple[int, int] | None:

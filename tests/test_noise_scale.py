@@ -86,6 +86,10 @@ def test_every_run_reports_it(tmp_path, fmnist_dir):
     assert all(l["noise_batches"] == [16, 64] and l["noise_scale"] > 0 and l["trace_cov"] > 0 for l in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] > 0 and summary["noise_batches"] == [16, 64]
+    # resumed at its end (a job requeued after its last step): the estimate comes back whole
+    cli_main(["train", *TINY, "--micro-batch", "16", "--steps", "6", "--out", str(out), "--resume"])
+    again = json.loads((out / "summary.json").read_text())
+    assert again["noise_scale"] == summary["noise_scale"] and again["noise_batches"] == [16, 64]
     out = tmp_path / "plain"
     cli_main(["train", *TINY, "--micro-batch", "64", "--steps", "2", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
