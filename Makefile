@@ -2,10 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages: the dataset, and Open MPI for the multi-host tests.
-DEBS := dataset-fashion-mnist openmpi-bin
+# Debian packages: the dataset, and Open MPI and Slurm for the multi-host tests.
+DEBS := dataset-fashion-mnist openmpi-bin slurm-wlm munge
 
-.PHONY: install debs demo test clean
+.PHONY: install debs demo test test-cluster clean
 
 install: $(VENV)/.installed debs
 
@@ -26,7 +26,11 @@ demo: install
 	$(VENV)/bin/torchrun --nproc_per_node 2 -m largebatch train --recipe fmnist-large --out runs/demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not cluster"
+
+# Several hosts on this machine (network namespaces, torchrun, mpirun, a real Slurm); needs root.
+test-cluster: install
+	$(PY) -m pytest -q -m cluster
 
 clean:
 	rm -rf runs .pytest_cache

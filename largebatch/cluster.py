@@ -126,8 +126,9 @@ class Cluster:
                       "burst", "256kb", "latency", "50ms"])
 
     def command(self, index: int, cmd: list[str]) -> list[str]:
-        """`cmd` as run on host `index`."""
-        return ["ip", "netns", "exec", self.hosts[index].netns, *cmd]
+        """`cmd` as run on host `index`: in its network namespace only (`ip netns exec`
+        would also remount /sys, hiding the cgroup hierarchy slurmd needs)."""
+        return ["nsenter", f"--net=/run/netns/{self.hosts[index].netns}", "--", *cmd]
 
     def run(self, index: int, cmd: list[str], **popen) -> subprocess.Popen:
         """Start `cmd` on host `index` (in its own process group, killed at close)."""
@@ -168,7 +169,123 @@ def write_hosts_script(cluster: Cluster, path: Path) -> Path:
     lines = ["#!/bin/sh", "host=$1; shift", 'case "$host" in']
     lines += [f"  {h.address}) ns={h.netns} ;;" for h in cluster.hosts]
     lines += ['  *) echo "no cluster host $host" >&2; exit 1 ;;', "esac",
-              'exec ip netns exec "$ns" sh -c "$*"']
+              'exec nsenter --net=/run/netns/"$ns" -- sh -c "$*"']
     path.write_text("\n".join(lines) + "\n")
     path.chmod(0o755)
     return path
+
+
+HOSTS_FILE = Path("/etc/hosts")
+
+
+class Slurm:
+    """A real Slurm on a Cluster: slurmctld on this machine (at the bridge address), one
+    slurmd per host namespace (`slurmd -N`), munge for authentication, no accounting and
+    no cgroups. The hosts' node names are added to /etc/hosts (as a site's DNS would give
+    them) and removed at the end. Jobs are submitted with `sbatch(script)`; every Slurm
+    command sees this cluster through SLURM_CONF (`env`)."""
+
+    def __init__(self, cluster: Cluster, workdir: Path, cpus_per_node: int = 2):
+        self.cluster, self.dir, self.cpus = cluster, Path(workdir), cpus_per_node
+        self.nodes = [f"{cluster.name}n{h.index}" for h in cluster.hosts]
+        self.conf = self.dir / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self._daemons: list[subprocess.Popen] = []
+        self._marker = f"# largebatch cluster {cluster.name}"
+
+    def __enter__(self) -> "Slurm":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import socket as _socket
+        import time
+        for tool in ("slurmctld", "slurmd", "munged", "sbatch"):
+            if not shutil.which(tool):
+                raise ClusterError(f"cluster: {tool} not found (apt-get install slurm-wlm munge)")
+        (self.dir / "state").mkdir(parents=True, exist_ok=True)
+        for n in self.nodes:
+            (self.dir / "spool" / n).mkdir(parents=True, exist_ok=True)
+        d = self.dir
+        lines = [f"ClusterName={self.cluster.name}", f"SlurmctldHost={_socket.gethostname()}({self.cluster.gateway})",
+                 "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
+                 f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",
+                 f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd-%n.pid",
+                 f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd-%n.log",
+                 "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
+                 "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "SchedulerType=sched/backfill",
+                 "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+                 "ReturnToService=2", "MinJobAge=600", "SlurmctldTimeout=30", "SlurmdTimeout=30",
+                 "InactiveLimit=0", "KillWait=10", "JobRequeue=1", "MailProg=/bin/true"]
+        lines += [f"NodeName={n} NodeAddr={h.address} CPUs={self.cpus} State=UNKNOWN"
+                  for n, h in zip(self.nodes, self.cluster.hosts)]
+        lines.append(f"PartitionName=main Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+        self.conf.write_text("\n".join(lines) + "\n")
+        with HOSTS_FILE.open("a") as f:
+            f.writelines(f"{h.address} {n} {self._marker}\n" for n, h in zip(self.nodes, self.cluster.hosts))
+        if subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
+            _checked(["/etc/init.d/munge", "start"])  # the system's munged, left running
+        log = open(d / "daemons.log", "a")
+        self._daemons.append(subprocess.Popen(["slurmctld", "-D", "-c", "-f", str(self.conf)], stdout=log,
+                                              stderr=log, start_new_session=True))
+        for n, h in zip(self.nodes, self.cluster.hosts):
+            self._daemons.append(self.cluster.run(h.index, ["slurmd", "-D", "-N", n, "-f", str(self.conf)],
+                                                  stdout=log, stderr=log, env=self.env))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.idle():
+                return
+            time.sleep(1)
+        raise ClusterError(f"cluster: the Slurm nodes did not come up in 60 s; see {d}/slurmctld.log and "
+                           f"{d}/slurmd-*.log")
+
+    def sbatch(self, script: Path, cwd: Path | None = None) -> int:
+        out = _checked_env(["sbatch", "--parsable", str(script)], self.env, cwd).stdout
+        return int(out.strip().split(";")[0])
+
+    def update(self, job_id: int, **fields) -> None:
+        """`scontrol update JobId=ID KEY=VALUE ...` (TimeLimit, StartTime, ...)."""
+        _checked_env(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in fields.items())], self.env)
+
+    def idle(self) -> bool:
+        """Every node idle: no job running or being cleaned up."""
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                env=self.env).stdout.split()
+        return len(states) == len(self.nodes) and all(s == "idle" for s in states)
+
+    def job(self, job_id: int) -> dict:
+        """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
+        text = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              env=self.env).stdout
+        return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+    def close(self) -> None:
+        subprocess.run(["scancel", "--full", "--user=root"], capture_output=True, env=self.env)
+        for proc in reversed(self._daemons):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        self._daemons = []
+        if HOSTS_FILE.exists():
+            kept = [line for line in HOSTS_FILE.read_text().splitlines(keepends=True) if self._marker not in line]
+            HOSTS_FILE.write_text("".join(kept))
+
+
+def _checked_env(cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        raise ClusterError(f"cluster: `{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc

@@ -18,7 +18,7 @@ def sbatch_script(train_args: list[str], nodes: int, procs_per_node: int, thread
         raise ValueError("--nodes, --procs-per-node and --threads must be positive")
     opt = ["--job-name=largebatch", f"--nodes={nodes}", f"--ntasks-per-node={procs_per_node}",
            f"--cpus-per-task={threads}", f"--time={time}", f"--signal=USR1@{signal_seconds}",
-           "--requeue", f"--output={out}/slurm-%j.out"]
+           "--requeue", f"--output={out}/slurm-%j.out", "--open-mode=append"]  # a requeued start keeps the log
     if partition:
         opt.append(f"--partition={partition}")
     if account:

@@ -237,9 +237,10 @@ def take_snapshot(run: Run, phase, members: ensemble.RunningEnsemble, extra: dic
 
 
 def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> dict:
-    run = setup(cfg, Path(out), resume, allow_config_change)
-    stop = StopRequest()
+    stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    run = None
     try:
+        run = setup(cfg, Path(out), resume, allow_config_change)
         loop = Loop(run, stop)
         for step in range(run.start, run.total_steps):
             phase = phase_at(step, run.phases)
@@ -255,7 +256,8 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
         return loop.finish()
     finally:
         stop.restore()
-        run.lock.release()
+        if run is not None:
+            run.lock.release()
 
 
 def start_run(run: Run, resume: bool, allow_config_change: bool) -> None:

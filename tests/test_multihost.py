@@ -70,6 +70,7 @@ def torchrun_on(cluster, host: int, rdzv: str, out, port: int, extra=()) -> list
             *extra, "-m", "largebatch", "train", *ARGS, "--out", str(out)]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
 def test_torchrun_across_two_hosts_picks_the_interface_and_matches_one_process(tmp_path, fmnist_dir, cluster, rdzv):
     """Both hosts' names resolve to 127.0.0.1 (the namespaces share the machine's host
@@ -96,6 +97,7 @@ def need(tool: str) -> None:
         pytest.skip(f"{tool} not installed")
 
 
+@pytest.mark.cluster
 def test_mpirun_across_two_hosts_matches_one_process(tmp_path, fmnist_dir, cluster):
     """Open MPI starts one process per host (its remote agent enters the host's namespace);
     MASTER_ADDR is exported as docs/launching.md says, the interface is chosen."""
@@ -115,3 +117,42 @@ def test_mpirun_across_two_hosts_matches_one_process(tmp_path, fmnist_dir, clust
     assert run["processes"] == 2 and run["network"]["interface"] == "eth0"
     run_cli("train", *ARGS, "--out", tmp_path / "one")
     assert same_weights(tmp_path / "one/checkpoints/last.pt", tmp_path / "two/checkpoints/last.pt")
+
+
+@pytest.mark.cluster
+def test_slurm_job_on_two_hosts_checkpoints_before_its_time_limit_and_requeues_to_the_end(tmp_path, fmnist_dir,
+                                                                                          cluster):
+    """A real Slurm (slurmctld here, a slurmd in each host's namespace) runs the sbatch
+    script `largebatch slurm` writes: srun starts one process per host, SIGUSR1 comes 40 s
+    before the time limit, the run checkpoints and exits 138, the script requeues the job,
+    and the second start resumes and finishes, equal to one process throughout."""
+    for tool in ("slurmctld", "slurmd", "munged", "sbatch"):
+        need(tool)
+    from largebatch.cluster import Slurm
+    c = cluster(2)
+    out, script = tmp_path / "run", tmp_path / "job.sh"
+    # A 1-minute limit: slurmctld checks limits about every 30 s, so SIGUSR1 comes 20-50 s
+    # after the start; 900 steps take longer than that here, so the first start is stopped.
+    args = [a if a != "4" else "900" for a in ARGS]
+    run_cli("slurm", "--nodes", "2", "--procs-per-node", "1", "--threads", "1", "--time", "1",
+            "--signal-seconds", "40", "--python", sys.executable, "--out", out, "--write", script, "--", *args)
+    with Slurm(c, tmp_path / "slurm") as slurm:
+        job = slurm.sbatch(script, cwd=ROOT)
+        deadline, info = time.time() + 480, {}
+        while time.time() < deadline:
+            info = slurm.job(job)
+            if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) > 0 and info["TimeLimit"] != "00:10:00" \
+                    and slurm.idle():
+                # requeued: the second start gets the time to finish, as soon as the first
+                # has been cleaned up on both nodes (Slurm alone would hold it 2 minutes)
+                slurm.update(job, TimeLimit=10, StartTime="now")
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                break
+            time.sleep(1)
+    logs = "".join(p.read_text(errors="replace") for p in out.glob("slurm-*.out"))
+    assert info.get("JobState") == "COMPLETED" and int(info["Restarts"]) >= 1, (info, logs[-3000:])
+    assert "largebatch: signal 10: checkpoint at step" in logs
+    run = json.loads((out / "run.json").read_text())
+    assert run["processes"] == 2 and run["resumed_from_step"] > 0 and run["network"]["interface"] == "eth0"
+    run_cli("train", *args, "--out", tmp_path / "one")
+    assert same_weights(tmp_path / "one/checkpoints/last.pt", out / "checkpoints/last.pt")

@@ -157,7 +157,7 @@ def test_slurm_script(tmp_path):
                   "--out", tmp_path / "run", "--write", script, "--", "--recipe", "sc18-run-a", "--data", "/d").stdout
     text = script.read_text()
     for want in ("#SBATCH --nodes=448", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=20",
-                 "#SBATCH --signal=USR1@300", "export OMP_NUM_THREADS=20", "srun --cpu-bind=cores",
+                 "#SBATCH --signal=USR1@300", "#SBATCH --open-mode=append", "export OMP_NUM_THREADS=20", "srun --cpu-bind=cores",
                  "--recipe sc18-run-a --data /d", "--set train.threads=20 --resume", "scontrol requeue"):
         assert want in text, want
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
