@@ -156,3 +156,37 @@ def test_slurm_job_on_two_hosts_checkpoints_before_its_time_limit_and_requeues_t
     assert run["processes"] == 2 and run["resumed_from_step"] > 0 and run["network"]["interface"] == "eth0"
     run_cli("train", *args, "--out", tmp_path / "one")
     assert same_weights(tmp_path / "one/checkpoints/last.pt", out / "checkpoints/last.pt")
+
+
+@pytest.mark.cluster
+def test_losing_a_host_resumes_on_the_rest_and_ends_identical(tmp_path, fmnist_dir, cluster):
+    """Every process of host 1 killed at once after step 40. With the settings
+    docs/launching.md recommends (c10d rendezvous, --nnodes 1:2, --max-restarts, --resume,
+    periodic checkpoints) host 0's agent restarts its worker, which resumes from the newest
+    checkpoint alone (the accumulation takes the lost process's share) and finishes with the
+    weights of an uninterrupted one-process run."""
+    c = cluster(2)
+    out = tmp_path / "two"
+    args = [a if a != "4" else "200" for a in ARGS] + ["--set", "train.checkpoint_every_steps=20", "--resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    master = c.hosts[0].address
+
+    def torchrun(h: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{master}:29520", "--rdzv_id", "lose",
+                "--rdzv_conf", f"is_host={str(h == 0).lower()}", "--local-addr", c.hosts[h].address,
+                "--max-restarts", "3", "-m", "largebatch", "train", *args, "--out", str(out)]
+
+    procs = [c.run(h, torchrun(h), cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for h in range(2)]
+    deadline = time.time() + 240
+    while not any(int(p.stem.split("-")[1]) >= 40 for p in (out / "checkpoints").glob("step-*.pt")):
+        assert time.time() < deadline and procs[0].poll() is None, "no checkpoint at step 40"
+        time.sleep(0.2)
+    c.kill_host(1)
+    log = procs[0].communicate(timeout=400)[0]
+    assert procs[0].returncode == 0, log[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["processes"] == 1 and run["resumed_from_step"] >= 40
+    run_cli("train", *[a for a in args if a != "--resume"], "--out", tmp_path / "one")
+    assert same_weights(tmp_path / "one/checkpoints/last.pt", out / "checkpoints/last.pt")
