@@ -112,8 +112,36 @@ def cmd_ensemble(args) -> None:
                               default_workers(cfg.data, info.local_world_size),
                               bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     result = evaluate_snapshots(paths, model, members)
+    if args.average:
+        result["average"] = _average(paths, Path(args.average), args, cfg, device, info, val, model)
     _emit(result, args.out, info.is_main)
     dist.shutdown()
+
+
+def _average(paths, dest: Path, args, cfg, device, info, val, model) -> dict:
+    """The snapshots' weights averaged, BatchNorm recomputed, saved as a checkpoint and evaluated."""
+    import time
+
+    from . import checkpoint, dist
+    from .averaging import average_states, recompute_bn
+    from .data import build_dataset, default_workers
+    from .evaluate import evaluate
+
+    states = [checkpoint.load(p) for p in paths]
+    model.load_state_dict(average_states([s["model"] for s in states]))
+    # the statistics over the same forward batches (and BN groups) as in training
+    used = recompute_bn(model, build_dataset(cfg.data, "train", cfg.train.seed),
+                        cfg.train.micro_batch or cfg.train.global_batch, args.bn_samples, device,
+                        bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
+    last = states[-1]
+    saved = {k: v for k, v in last.items() if k not in ("optimizer", "model")}
+    saved.update(model=model.state_dict(), averaged_from=[str(p) for p in paths], bn_samples=used)
+    dist.on_main(lambda: checkpoint.atomic_save(saved, dest))
+    t0 = time.perf_counter()
+    r = evaluate(model, val, args.batch or cfg.train.eval_batch, device, default_workers(cfg.data, info.local_world_size),
+                 bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
+    return {"path": str(dest), "members": len(paths), "bn_samples": used, "top1": r["top1"], "top5": r["top5"],
+            "forward_passes": 1, "seconds": time.perf_counter() - t0}
 
 
 def cmd_pack(args) -> None:
@@ -304,6 +332,11 @@ def parser() -> argparse.ArgumentParser:
     en.add_argument("--data", help="dataset directory (default: the one the run used)")
     en.add_argument("--batch", type=positive_int, help="evaluation batch (default: the run's train.eval_batch)")
     en.add_argument("--out", help="also write the JSON here")
+    en.add_argument("--average", metavar="PATH",
+                    help="also average the snapshots' weights into one model (BatchNorm statistics recomputed on "
+                         "training data), save it here as a checkpoint and evaluate it")
+    en.add_argument("--bn-samples", type=positive_int, default=10000,
+                    help="training samples to recompute the averaged model's BatchNorm statistics on (default 10000)")
     en.set_defaults(func=cmd_ensemble)
 
     s = sub.add_parser("slurm", help="write an sbatch script for N nodes x P processes per node")

@@ -7,6 +7,7 @@ is the running sum of probabilities over this process's shard of the evaluation 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -65,15 +66,19 @@ class RunningEnsemble:
 def evaluate_snapshots(paths: list[Path], model: torch.nn.Module, ensemble: RunningEnsemble) -> dict:
     """Every member's accuracy, and the ensemble of the last k members for k = 1..K
     (members are added from the last to the first, so each prefix is a 'last k')."""
-    members, ensembles = [None] * len(paths), []
+    members, ensembles, seconds = [None] * len(paths), [], 0.0
     for i in reversed(range(len(paths))):
         state = checkpoint.load(paths[i])
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise ConfigError(f"ensemble: {paths[i]} is not the same model as {paths[-1]}: {e}") from e
+        t0 = time.perf_counter()
         r = ensemble.add(model)
+        seconds += time.perf_counter() - t0
         members[i] = {"path": str(paths[i]), "step": state.get("step"), "phase": state.get("phase", {}).get("name"),
                       "top1": r["top1"], "top5": r["top5"]}
-        ensembles.append({"k": r["ensemble_members"], "top1": r["ensemble_top1"], "top5": r["ensemble_top5"]})
+        # the inference cost: one forward pass over the evaluation set per member
+        ensembles.append({"k": r["ensemble_members"], "top1": r["ensemble_top1"], "top5": r["ensemble_top5"],
+                          "forward_passes": r["ensemble_members"], "seconds": seconds})
     return {"members": members, "ensembles": ensembles}

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from largebatch import checkpoint
+from largebatch.data.sampler import BatchSpec
 from largebatch.ensemble import RunningEnsemble, snapshot_files
 
 from conftest import run_cli
@@ -110,3 +111,62 @@ def test_ensemble_command_rejects_different_models(tmp_path, fmnist_dir):
     run_cli("train", *quick, "--model", "resnet14", "--out", tmp_path / "b")
     proc = run_cli("ensemble", tmp_path / "a/checkpoints/last.pt", tmp_path / "b/checkpoints/last.pt", check=False)
     assert proc.returncode == 2 and "is not the same model" in proc.stderr
+
+
+def test_weight_average_and_bn_recomputation_by_hand():
+    """The average of three states tensor by tensor; BN statistics set to the mean of the
+    group statistics a training-mode pass computes, checked on a first BN layer whose
+    input is the data itself."""
+    from largebatch.averaging import average_states, recompute_bn
+    from largebatch.data.synthetic import Synthetic
+    from largebatch.models.group_bn import convert
+    torch.manual_seed(0)
+    nets = [convert(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), 8, 0.1)
+            for _ in range(3)]
+    for i, n in enumerate(nets):
+        for p in n.parameters():
+            p.data.normal_()
+        n[0].num_batches_tracked.fill_(i)
+    states = [n.state_dict() for n in nets]
+    avg = average_states(states)
+    for k, v in avg.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (states[0][k] + states[1][k] + states[2][k]) / 3)
+    assert avg["0.num_batches_tracked"] == 2  # integer buffers: the last state's
+
+    data = Synthetic(48, 10, 3, 6, seed=1)
+    model = nets[0]
+    model.load_state_dict(avg)
+    assert recompute_bn(model, data, 16, 40, torch.device("cpu")) == 32  # whole batches of 16 only
+    x = torch.stack([data[BatchSpec(tuple(range(i, i + 16)), 0)][0] for i in (0, 16)]).float()  # 2 x 16 samples
+    groups = x.reshape(4, 8, 3, 6, 6)  # groups of 8 samples, as in training
+    mean = groups.mean(dim=(1, 3, 4)).mean(0)
+    var = groups.var(dim=(1, 3, 4), correction=1).mean(0)
+    torch.testing.assert_close(model[0].running_mean, mean)
+    torch.testing.assert_close(model[0].running_var, var)
+    assert model.training  # left as it was
+
+
+def test_averaged_collapse_from_the_ensemble_command(tmp_path, fmnist_dir):
+    run_cli("train", *CE, "--out", tmp_path / "ce")
+    snaps = snapshot_files(tmp_path / "ce")
+    out = json.loads(run_cli("ensemble", *snaps[-3:], "--average", tmp_path / "avg.pt", "--bn-samples", "2000").stdout)
+    avg = out["average"]
+    assert avg["members"] == 3 and avg["forward_passes"] == 1 and avg["bn_samples"] == 1984  # whole micro-batches of 32
+    assert [e["forward_passes"] for e in out["ensembles"]] == [1, 2, 3]
+    assert out["ensembles"][-1]["seconds"] > out["ensembles"][0]["seconds"] > 0
+    # a checkpoint like any other: `largebatch eval` loads it and agrees
+    again = json.loads(run_cli("eval", "--checkpoint", tmp_path / "avg.pt").stdout.splitlines()[-1])
+    assert again["top1"] == avg["top1"]
+    state = checkpoint.load(tmp_path / "avg.pt")
+    assert state["averaged_from"] == [str(p) for p in snaps[-3:]]
+
+
+def test_averaged_torchvision_model_loads_into_plain_torchvision():
+    import torchvision
+    from largebatch.averaging import average_states
+    from largebatch.config import ModelConfig
+    from largebatch.models import build_model
+    states = [build_model(ModelConfig(name="resnet18"), 3, 10).state_dict() for _ in range(2)]
+    plain = torchvision.models.resnet18(num_classes=10)
+    plain.load_state_dict(average_states(states))  # strict: the same keys, shapes and buffers
