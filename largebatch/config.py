@@ -105,13 +105,13 @@ class ShapeConfig:
     warmup_start: float = 0.0
     """LR at the start of warmup, as a multiple of the peak (Goyal et al. start at the
     small-batch LR: 0.1 of a peak of 3.2 is 0.03125)."""
-    decay: Literal["poly", "cosine", "step", "constant"] = "poly"
+    decay: Literal["poly", "cosine", "linear", "step", "constant"] = "poly"
     poly_power: float = 1.0
     horizon_epochs: float | None = None
     """Where poly/cosine reach their end, counted from the start of the stretch; None =
     its length."""
     final: float = 0.0
-    """Cosine floor, as a multiple of the peak."""
+    """Where cosine and linear decay end, as a multiple of the peak."""
     milestones: list[float] = field(default_factory=list)
     """Step decay: epochs from the start of the stretch at which the LR is multiplied by gamma."""
     gamma: float = 0.1
@@ -179,8 +179,15 @@ class EnsembleConfig:
     rewarmup_fraction: float = 0.2
     """Cycles after the first re-warm up over this fraction of their length, from where the
     previous cycle ended."""
+    cycle_shape: Literal["sc18", "cosine", "fge"] = "sc18"
+    """sc18: the authors' run B (poly over twice the cycle, re-warmup, momentum reset);
+    cosine: every cycle anneals from its peak to near zero (Huang et al. 2017, snapshot
+    ensembles); fge: short cycles, each a straight line from its peak down to
+    fge_low times the peak (Garipov et al. 2018, fast geometric ensembling)."""
     cycle_power: float = 2.0
-    """Cycles decay as poly with this power over twice their length (ending at peak/4)."""
+    """sc18 cycles decay as poly with this power over twice their length (ending at peak/4)."""
+    fge_low: float = 0.01
+    """fge: where each cycle ends, as a fraction of its peak (Garipov et al.: 5e-4 / 5e-2)."""
     collapse_weight_decay: float = 4.0
     """Collapse weight decay as a multiple of optim.weight_decay (run B: 2e-4 / 5e-5)."""
     collapse_augment: bool = False

@@ -126,6 +126,29 @@ def test_ensemble_generator_splits_the_budget_into_main_cycles_and_collapse():
     assert phases[-1].augment is False and all(p.reset_momentum for p in phases[1:])
 
 
+@pytest.mark.parametrize("shape", ["cosine", "fge"])
+def test_ensemble_cycle_shapes_step_by_step(shape):
+    """Four cycles of 10 steps after a 20-step main phase, no collapse: cosine cycles anneal
+    from their peak to zero (Huang et al.), fge cycles fall in a straight line to 1 % of it
+    (Garipov et al.); each ends where its snapshot is taken."""
+    cfg = build_config({"train": {"global_batch": 100, "epochs": 6}, "schedule": {"peak_lr": 1.0, "decay": "poly"},
+                        "ensemble": {"cycles": 4, "main_fraction": 1 / 3, "collapse_fraction": 0.0,
+                                     "first_peak": 1.0, "peak_decay": 0.5, "cycle_shape": shape}})
+    phases = build_phases(cfg, 10)
+    assert [(p.name, p.start, p.steps, p.snapshot) for p in phases] == \
+        [("main", 0, 20, 0), ("cycle1", 20, 10, 1), ("cycle2", 30, 10, 2), ("cycle3", 40, 10, 3), ("cycle4", 50, 10, 4)]
+    cut = 1 - 20 / 60  # the main phase: poly 1 over the 60-step run, cut at step 20
+    peaks = [cut * 0.5 ** k for k in range(4)]
+    for k, peak in enumerate(peaks):
+        got = [lr_at(20 + 10 * k + t, phases) for t in range(10)]
+        if shape == "cosine":
+            want = [peak * 0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+        else:
+            want = [peak * (1 - 0.99 * t / 10) for t in range(10)]  # reaching 0.01 peak at the snapshot
+        assert got == pytest.approx(want), k
+    assert all(not p.reset_momentum for p in phases)
+
+
 def test_phases_must_add_up_to_the_epochs():
     with pytest.raises(ConfigError, match="phases last 3 epochs but train.epochs is 10"):
         build_config({"train": {"epochs": 10}, "phases": [{"epochs": 1}, {"epochs": 2}]})

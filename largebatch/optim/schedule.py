@@ -20,10 +20,10 @@ class Phase:
     peak: float
     warmup_steps: int
     warmup_start: float
-    decay: str            # poly | cosine | step | constant
+    decay: str            # poly | cosine | linear | step | constant
     power: float
     horizon: int          # poly/cosine end, in steps from the phase start
-    final: float          # cosine floor
+    final: float          # where cosine and linear end
     milestones: tuple[int, ...]  # step decay points, in steps from the phase start
     gamma: float
     weight_decay: float
@@ -52,6 +52,8 @@ def phase_lr(t: int, p: Phase) -> float:
         return p.peak * (1.0 - frac) ** p.power
     if p.decay == "cosine":
         return p.final + (p.peak - p.final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if p.decay == "linear":
+        return p.peak + (p.final - p.peak) * frac
     if p.decay == "step":
         return p.peak * p.gamma ** sum(1 for m in p.milestones if t >= m)
     return p.peak
@@ -98,11 +100,13 @@ def phase_configs(cfg: Config, total_epochs: float) -> list[PhaseConfig]:
 def collapsed_ensemble(main: PhaseConfig, e: EnsembleConfig, total_epochs: float,
                        weight_decay: float) -> list[PhaseConfig]:
     """Split a budget into the recipe's schedule cut short, e.cycles LR cycles and a
-    collapse, in the pattern of the SC18 authors' run B: the first cycle starts a little
-    above the LR where the main phase was cut, each next peak is peak_decay times the
-    previous and re-warms up from where the previous cycle ended, cycles decay as poly
-    power 2 over twice their length, and the collapse decays from the last cycle's end
-    to zero with more weight decay and no augmentation. LRs are multiples of the peak."""
+    collapse. The first cycle starts a little above the LR where the main phase was cut
+    and each next peak is peak_decay times the previous. In the SC18 authors' run B
+    pattern (cycle_shape sc18) a cycle re-warms up from where the previous one ended and
+    decays as poly power 2 over twice its length; cosine cycles anneal to zero, fge
+    cycles fall in a straight line to fge_low of their peak. The collapse decays from the
+    last cycle's end to zero with more weight decay and no augmentation. LRs are
+    multiples of the peak."""
     main_epochs = e.main_fraction * total_epochs
     collapse = e.collapse_fraction * total_epochs
     length = (total_epochs - main_epochs - collapse) / e.cycles
@@ -110,10 +114,16 @@ def collapsed_ensemble(main: PhaseConfig, e: EnsembleConfig, total_epochs: float
     end = phase_lr(main_epochs, _phase(main, 0, 1.0, weight_decay, lambda ep: ep))
     phases, peak = [main], e.first_peak * end
     for k in range(e.cycles):
-        cycle = PhaseConfig(name=f"cycle{k + 1}", epochs=length, peak=peak,
-                            warmup_epochs=e.rewarmup_fraction * length if k else 0.0, warmup_start=end,
-                            decay="poly", poly_power=e.cycle_power, horizon_epochs=2 * length,
-                            reset_momentum=True)
+        name = f"cycle{k + 1}"
+        if e.cycle_shape == "cosine":
+            cycle = PhaseConfig(name=name, epochs=length, peak=peak, decay="cosine")
+        elif e.cycle_shape == "fge":
+            cycle = PhaseConfig(name=name, epochs=length, peak=peak, decay="linear", final=e.fge_low * peak)
+        else:
+            cycle = PhaseConfig(name=name, epochs=length, peak=peak,
+                                warmup_epochs=e.rewarmup_fraction * length if k else 0.0, warmup_start=end,
+                                decay="poly", poly_power=e.cycle_power, horizon_epochs=2 * length,
+                                reset_momentum=True)
         phases.append(cycle)
         end = phase_lr(length, _phase(cycle, 0, 1.0, weight_decay, lambda ep: ep))
         peak *= e.peak_decay
