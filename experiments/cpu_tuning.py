@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from largebatch import plan
-from largebatch.bench import _cores, bench
+from largebatch.bench import bench
+from largebatch.dist import usable_cores
 
 
 def compile_vs_eager(model_name: str, batch: int, steps: int, threads: int) -> dict:
@@ -63,7 +64,7 @@ def main() -> None:
     p.add_argument("--skip-compile", action="store_true")
     p.add_argument("--out", type=Path, default=Path("docs/bench/cpu_tuning.json"))
     a = p.parse_args()
-    cores = _cores()
+    cores = usable_cores()
     common = dict(model=a.model, batch=a.batch, steps=a.steps, warmup=1, repeats=a.repeats)
     configs = {
         f"fp32, 1 x {cores} threads": dict(dtype="fp32"),

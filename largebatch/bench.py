@@ -31,19 +31,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(spec: dict, procs: int, timeout: float = 3600) -> dict:
-    """Run one measurement in `procs` fresh processes; returns rank 0's result."""
+def launch(spec: dict, procs: int, timeout: float = 3600, cluster=None) -> dict:
+    """Run one measurement in `procs` fresh processes; returns rank 0's result. With a
+    `cluster` (largebatch.cluster.Cluster), process r runs on host r mod hosts, and the
+    rendezvous is on host 0's address."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         port = str(free_port())
         threads = spec["threads"]
+        hosts = len(cluster.hosts) if cluster else 1
+        master = cluster.hosts[0].address if cluster else "127.0.0.1"
         workers = []
         for rank in range(procs):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank),
-                   "LOCAL_WORLD_SIZE": str(procs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            host, per_host = rank % hosts, len(range(rank % hosts, procs, hosts))
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank // hosts),
+                   "LOCAL_WORLD_SIZE": str(per_host), "MASTER_ADDR": master, "MASTER_PORT": port,
                    "OMP_NUM_THREADS": str(threads)}
-            workers.append(subprocess.Popen([sys.executable, "-m", "largebatch.bench", json.dumps(spec), str(out)],
-                                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            cmd = [sys.executable, "-m", "largebatch.bench", json.dumps(spec), str(out)]
+            workers.append(subprocess.Popen(cluster.command(host, cmd) if cluster else cmd, env=env,
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [w.communicate(timeout=timeout)[0] for w in workers]
         failed = [rank for rank, w in enumerate(workers) if w.returncode]
         if failed:
@@ -63,7 +69,7 @@ def bench_config(spec: dict, procs: int):
         "train": {"global_batch": b * procs, "micro_batch": b, "bf16": spec["dtype"] == "bf16",
                   "channels_last": spec["channels_last"], "threads": spec["threads"],
                   "steps": spec["warmup"] + spec["steps"] * spec["repeats"]},
-        "optim": {"name": "sgd"}})
+        "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False)}})
 
 
 def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
