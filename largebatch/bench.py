@@ -68,7 +68,7 @@ def bench_config(spec: dict, procs: int):
                  "synthetic_channels": spec["channels"], "synthetic_samples": b * procs * 8, "workers": 0},
         "train": {"global_batch": b * procs, "micro_batch": b, "bf16": spec["dtype"] == "bf16",
                   "channels_last": spec["channels_last"], "threads": spec["threads"],
-                  "steps": spec["warmup"] + spec["steps"] * spec["repeats"]},
+                  "steps": spec["warmup"] + 1 + spec["steps"] * spec["repeats"]},  # + the counted step
         "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False)}})
 
 
@@ -96,6 +96,30 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
             "alpha": fit_a / (2 * (w - 1)), "beta": fit_b / (2 * (w - 1) / w), "procs": w}
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """This process's rate of n x n matrix products in `dtype` (GFLOP/s, 2 n^3 per
+    product): the ceiling a training step is measured against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        torch.mm(a, b)
+    count, t0 = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - t0 < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def step_flops(run, batches, loss_fn) -> float:
+    """Floating-point operations of one training step of this process (convolutions and
+    matrix products, forward and backward, as torch's FlopCounterMode counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .train import train_step
+    with FlopCounterMode(display=False) as counter:
+        train_step(run, batches, loss_fn)
+    return float(counter.get_total_flops())
+
+
 def worker(spec: dict, out: Path) -> None:
     from .train import StepPartTimer, setup, train_step
 
@@ -106,6 +130,8 @@ def worker(spec: dict, out: Path) -> None:
         group["lr"] = 1e-3
     for _ in range(spec["warmup"]):
         train_step(run, batches, loss_fn)
+    images_per_proc = run.layout.global_batch // procs
+    flops_per_image = step_flops(run, batches, loss_fn) / images_per_proc
     run.sync.take_seconds()
     rates, parts = [], []
     for _ in range(spec["repeats"]):
@@ -129,7 +155,12 @@ def worker(spec: dict, out: Path) -> None:
               "images_per_sec_spread": statistics.stdev(rates) if len(rates) > 1 else 0.0,
               "breakdown": {k: statistics.fmean(p[k] for p in parts) for k in parts[0]},
               "gradient_bytes": grad_bytes,
-              "parameters": sum(p.numel() for p in run.model.parameters())}
+              "parameters": sum(p.numel() for p in run.model.parameters()),
+              "flops_per_image": flops_per_image,
+              "achieved_gflops": statistics.fmean(rates) * flops_per_image / 1e9}
+    if procs == 1:  # the matrix units' ceiling, with this process's threads
+        result["matmul_gflops"] = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+        result["share_of_matmul"] = result["achieved_gflops"] / result["matmul_gflops"][spec["dtype"]]
     if procs > 1 and spec["allreduce"]:
         bucket = int(run.cfg.dist.bucket_mb * 2**20)
         sizes = sorted({4 ** k for k in range(6, 13)} | {bucket, grad_bytes})  # 4 KB .. 16 MB, bucket, all
@@ -162,6 +193,8 @@ def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int 
               "channels_last": channels_last, "mode": mode, "cores": dist.usable_cores(),
               "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
               "breakdown": runs[0]["breakdown"], "runs": runs,
+              "flops_per_image": runs[0]["flops_per_image"], "matmul_gflops": runs[0].get("matmul_gflops"),
+              "share_of_matmul": runs[0].get("share_of_matmul"),
               "scaling": [{"procs": r["procs"], "images_per_sec": r["images_per_sec"],
                            "efficiency": r["images_per_sec"] / (r["procs"] * base)} for r in runs]}
     return result

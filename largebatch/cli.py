@@ -182,6 +182,11 @@ def cmd_bench(args) -> None:
               f"± {run['images_per_sec_spread']:.2f} images/s, efficiency {s['efficiency']:.3f}; step "
               f"{b['step']:.3f} s = data {b['data']:.3f} + forward {b['forward']:.3f} + backward "
               f"{b['backward']:.3f} + exposed comm {b['comm_exposed']:.3f} + optimizer {b['optimizer']:.3f}")
+        if "matmul_gflops" in run:
+            m = run["matmul_gflops"]
+            print(f"    {run['flops_per_image'] / 1e9:.2f} GFLOP per image: {run['achieved_gflops']:.0f} GFLOP/s, "
+                  f"{100 * run['share_of_matmul']:.0f} % of this process's {r['dtype']} matrix-product rate "
+                  f"(bf16 {m['bf16']:.0f}, fp32 {m['fp32']:.0f} GFLOP/s)")
         if "allreduce" in run:
             a = run["allreduce"]
             print(f"    all-reduce over {a['procs']} processes: alpha {a['alpha'] * 1e6:.1f} us, "

@@ -203,9 +203,10 @@ class TrainConfig:
     """Run length in optimizer steps; overrides epochs when set."""
     seed: int = 0
     bf16: bool | None = None
-    """bf16 autocast. None = on where the hardware has native bf16 (CPUs with AVX512-BF16
-    or AMX, GPUs that support it), where it is much faster at no cost in accuracy
-    (measurements per CPU in docs/BENCHMARKS.md)."""
+    """bf16 autocast. None = on for GPUs that support it, and on CPUs with bf16
+    instructions (AVX512-BF16, AMX) where a timing of the run's model in both precisions
+    says bf16 is faster (autotune.py; once per machine, cached): some such CPUs run bf16
+    matrix products at half their fp32 rate (docs/BENCHMARKS.md)."""
     channels_last: bool | None = None
     """NHWC memory format. None = on for torchvision's ResNets, whose wide convolutions
     gain from it, off for the CIFAR-style ones, whose small images lose (docs/BENCHMARKS.md)."""

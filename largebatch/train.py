@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
+from . import autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged
 from .rundir import RunLock, open_run_dir
@@ -71,21 +71,19 @@ class Run:
     skipped: set = field(default_factory=set)  # unreadable training files met by this process
 
 
-def native_bf16(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):  # older torch: no way to ask, stay in fp32
-        return False
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
 def resolve_auto(cfg: Config, device: torch.device) -> Config:
-    """Turn the hardware-dependent defaults (None) into values; config.yaml records them."""
+    """Turn the hardware-dependent defaults (None) into values; config.yaml records them.
+    bf16 is measured on CPUs that have it (autotune.py), once, on the main process."""
     t = cfg.train
-    bf16 = native_bf16(device) if t.bf16 is None else t.bf16
     channels_last = cfg.model.name in TORCHVISION if t.channels_last is None else t.channels_last
+    bf16 = t.bf16
+    if bf16 is None:
+        d = cfg.data
+        size = {"fmnist": 28, "synthetic": d.synthetic_size}.get(d.name, d.image_size)
+        bf16, why = dist.on_main(lambda: autotune.choose_bf16(device, cfg.model, data_channels(d), size,
+                                                              t.micro_batch or t.global_batch, channels_last))
+        if dist.info().is_main:
+            print(f"largebatch: bf16 autocast {'on' if bf16 else 'off'}: {why}", flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
 
 
@@ -112,9 +110,9 @@ def build(cfg: Config, out: Path) -> Run:
     written in the run directory yet."""
     info = dist.from_env()
     device = pick_device(info)
-    cfg = resolve_auto(cfg, device)
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     set_threads(cfg.train.threads, info)
+    cfg = resolve_auto(cfg, device)
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
     layouts = {b: resolve_layout(dataclasses.replace(cfg.train, global_batch=b), info.world_size, info.rank,

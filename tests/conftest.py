@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from largebatch.data import fmnist
 
 ROOT = Path(__file__).resolve().parent.parent
+# bf16 timings (autotune) of the tests' runs stay out of the user's cache
+os.environ.setdefault("LARGEBATCH_CACHE", tempfile.mkdtemp(prefix="largebatch-cache-"))
 
 
 @pytest.fixture(scope="session")
