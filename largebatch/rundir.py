@@ -13,7 +13,7 @@ import yaml
 
 from . import checkpoint
 from .checkpoint import CheckpointError
-from .config import ConfigError, to_dict
+from .config import Config, ConfigError, to_dict
 from .errors import UserError
 
 LOCK = ".lock"
@@ -90,9 +90,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_changes(saved_yaml: str, new: dict) -> tuple[dict, dict]:
     """(allowed, refused): key -> (saved value, new value) for every key that differs."""
     old, now = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(new)
+    defaults = _flatten(to_dict(Config()))
     allowed, refused = {}, {}
     for key in sorted(set(old) | set(now)):
         a, b = old.get(key, "(absent)"), now.get(key, "(absent)")
+        if key not in old and key in defaults and b == defaults[key]:
+            continue  # a key added since the run started, at its default: what the run did
         if a != b:
             ok = any(key == m or (m.endswith(".") and key.startswith(m)) for m in MAY_CHANGE)
             (allowed if ok else refused)[key] = (a, b)

@@ -10,11 +10,12 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 
 from largebatch import checkpoint
 from largebatch.cli import main as cli_main
-from largebatch.config import ConfigError, TrainConfig, build_config
+from largebatch.config import ConfigError, TrainConfig, build_config, to_dict
 from largebatch.dist import resolve_layout
 from largebatch.rundir import RunLock
 
@@ -186,6 +187,18 @@ def test_resume_refuses_changes_to_what_is_trained(tmp_path, capsys, fmnist_dir)
                   "--set", "optim.weight_decay=1e-3", "--allow-config-change")
     assert code == 0
     assert json.loads((out / "run.json").read_text())["config_changes"]["optim.weight_decay"] == [0.0005, 0.001]
+
+
+def test_keys_added_by_a_newer_version_at_their_default_do_not_block_a_resume():
+    """A run started before a key existed did what the key's default does."""
+    from largebatch.config import Config, dump_yaml
+    from largebatch.rundir import config_changes
+    now = to_dict(Config())
+    saved = yaml.safe_load(dump_yaml(Config()))
+    del saved["ensemble"]["cycle_shape"], saved["dist"]["interface"]
+    assert config_changes(yaml.safe_dump(saved), now) == ({}, {})
+    now["ensemble"]["cycle_shape"] = "cosine"  # not the default: a change of what is trained
+    assert config_changes(yaml.safe_dump(saved), now)[1] == {"ensemble.cycle_shape": ("(absent)", "cosine")}
 
 
 # 5. Ctrl-C ------------------------------------------------------------------------------
