@@ -18,13 +18,14 @@ SUBSET = 4000
 RESULTS = ROOT / "experiments/results/zero_gamma_short"
 
 
-def make_subset(dest: Path) -> Path:
+def make_subset(dest: Path, n: int = SUBSET) -> Path:
+    """The first n training images (and the full test set) as IDX files in dest."""
     src = fmnist.resolve_dir(None)
     dest.mkdir(parents=True, exist_ok=True)
     for stem in fmnist.FILES["test"]:
         shutil.copy(src / f"{stem}.gz", dest / f"{stem}.gz")
     images, labels = (fmnist.read_idx(src / f"{s}.gz") for s in fmnist.FILES["train"])
-    for stem, arr in zip(fmnist.FILES["train"], (images[:SUBSET], labels[:SUBSET])):
+    for stem, arr in zip(fmnist.FILES["train"], (images[:n], labels[:n])):
         header = bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape)
         with gzip.open(dest / f"{stem}.gz", "wb") as f:
             f.write(header + arr.tobytes())
