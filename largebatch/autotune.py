@@ -74,9 +74,9 @@ def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, siz
                 channels_last: bool) -> tuple[bool, str]:
     """(use bf16, why). GPUs that support bf16 use it; CPUs without bf16 instructions do
     not; CPUs with them are measured (cached)."""
-    if device.type == "cuda" or not native_bf16(device):
-        on = native_bf16(device)
-        return on, "the device supports bf16" if on else "no native bf16 on this device"
+    native = native_bf16(device)
+    if device.type == "cuda" or not native:
+        return native, "the device supports bf16" if native else "no native bf16 on this device"
     # the run's micro-batch, up to about 200K pixels (256 Fashion-MNIST images, 8 at 224 px):
     # small convolutions need their real batch to show what bf16 buys, large ones do not
     batch = max(1, min(batch, max(8, 256 * 28 * 28 // (size * size))))

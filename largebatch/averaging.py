@@ -6,6 +6,8 @@ where a probability ensemble of k snapshots costs k.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -15,26 +17,25 @@ from .data.sampler import BatchSpec
 from .evaluate import forward_eval
 from .models.group_bn import GroupBatchNorm2d
 
-def average_states(states: list[dict]) -> dict:
+
+def average_states(states: Iterable[dict]) -> dict:
     """The mean of every floating-point tensor of the model states; integer buffers (BN's
-    num_batches_tracked) are taken from the last state."""
-    if not states:
-        raise ConfigError("average: no snapshots to average")
-    keys = list(states[-1])
-    for s in states:
-        if list(s) != keys:
+    num_batches_tracked) are taken from the last state. The states are read one at a time
+    (a generator that loads each snapshot keeps one in memory beside the fp64 sums)."""
+    sums, last, n = {}, None, 0
+    for state in states:
+        if last is not None and list(state) != list(last):
             raise ConfigError("average: the snapshots are not all the same model (their parameters differ)")
-    out = {}
-    for k in keys:
-        last = states[-1][k]
-        if last.is_floating_point():
-            acc = torch.zeros_like(last, dtype=torch.float64)
-            for s in states:
-                acc += s[k].double()
-            out[k] = (acc / len(states)).to(last.dtype)
-        else:
-            out[k] = last.clone()
-    return out
+        for k, v in state.items():
+            if v.is_floating_point():
+                if k in sums:
+                    sums[k] += v.double()
+                else:
+                    sums[k] = v.double().clone()
+        last, n = state, n + 1
+    if not n:
+        raise ConfigError("average: no snapshots to average")
+    return {k: (sums[k] / n).to(v.dtype) if v.is_floating_point() else v.clone() for k, v in last.items()}
 
 
 @torch.no_grad()

@@ -133,13 +133,18 @@ def _average(paths, dest: Path, args, cfg, device, info, val, model) -> dict:
     from .data import build_dataset, default_workers
     from .evaluate import evaluate
 
-    states = [checkpoint.load(p) for p in paths]
-    model.load_state_dict(average_states([s["model"] for s in states]))
+    last: dict = {}
+
+    def models():  # one snapshot in memory at a time
+        for p in paths:
+            last.clear()
+            last.update(checkpoint.load(p))
+            yield last["model"]
+    model.load_state_dict(average_states(models()))
     # the statistics over the same forward batches (and BN groups) as in training
     used = recompute_bn(model, build_dataset(cfg.data, "train", cfg.train.seed),
                         cfg.train.micro_batch or cfg.train.global_batch, args.bn_samples, device,
                         bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
-    last = states[-1]
     saved = {k: v for k, v in last.items() if k not in ("optimizer", "model")}
     saved.update(model=model.state_dict(), averaged_from=[str(p) for p in paths], bn_samples=used)
     dist.on_main(lambda: checkpoint.atomic_save(saved, dest))

@@ -18,7 +18,9 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +36,46 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return _checked(cmd) if check else subprocess.run(cmd, capture_output=True, text=True)
 
 
-def _checked(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _checked(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
     if proc.returncode != 0:
         raise ClusterError(f"cluster: `{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+def _stop(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    """End a process started in its own session, and its children: SIGTERM and up to
+    `grace` seconds to exit, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        if grace:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class _TornDown:
+    """Set up on entry (`_open`), torn down on exit (`close`), and also when the set-up
+    fails half-way, so that nothing it made is left behind."""
+
+    def __enter__(self):
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def available() -> str | None:
@@ -74,7 +111,7 @@ class Host:
 
 
 @dataclass
-class Cluster:
+class Cluster(_TornDown):
     """`hosts` namespaces on one bridge. `rate` shapes every host's link in both
     directions (tc tbf: "1gbit", "10gbit"); None leaves the veth links unshaped."""
     hosts_wanted: int
@@ -85,20 +122,9 @@ class Cluster:
     gateway: str = ""     # the bridge's address: the machine itself, as seen from the hosts
     _procs: list[subprocess.Popen] = field(default_factory=list)
 
-    def __enter__(self) -> "Cluster":
+    def _open(self) -> None:
         if not 1 <= self.hosts_wanted <= 16:
             raise ClusterError(f"cluster: 1 to 16 hosts, not {self.hosts_wanted}")
-        try:
-            self._create()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _create(self) -> None:
         net = _free_subnet()
         addrs = list(net.hosts())
         self.bridge, self.gateway = f"{self.name}br", str(addrs[0])
@@ -148,12 +174,7 @@ class Cluster:
 
     def close(self) -> None:
         for proc in self._procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+            _stop(proc)
         for host in self.hosts:
             self.kill_host(host.index)
             _ip("link", "del", host.outer, check=False)
@@ -178,7 +199,7 @@ def write_hosts_script(cluster: Cluster, path: Path) -> Path:
 HOSTS_FILE = Path("/etc/hosts")
 
 
-class Slurm:
+class Slurm(_TornDown):
     """A real Slurm on a Cluster: slurmctld on this machine (at the bridge address), one
     slurmd per host namespace (`slurmd -N`), munge for authentication, no accounting and
     no cgroups. The hosts' node names are added to /etc/hosts (as a site's DNS would give
@@ -193,20 +214,7 @@ class Slurm:
         self._daemons: list[subprocess.Popen] = []
         self._marker = f"# largebatch cluster {cluster.name}"
 
-    def __enter__(self) -> "Slurm":
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _start(self) -> None:
-        import socket as _socket
-        import time
+    def _open(self) -> None:
         for tool in ("slurmctld", "slurmd", "munged", "sbatch"):
             if not shutil.which(tool):
                 raise ClusterError(f"cluster: {tool} not found (apt-get install slurm-wlm munge)")
@@ -214,7 +222,7 @@ class Slurm:
         for n in self.nodes:
             (self.dir / "spool" / n).mkdir(parents=True, exist_ok=True)
         d = self.dir
-        lines = [f"ClusterName={self.cluster.name}", f"SlurmctldHost={_socket.gethostname()}({self.cluster.gateway})",
+        lines = [f"ClusterName={self.cluster.name}", f"SlurmctldHost={socket.gethostname()}({self.cluster.gateway})",
                  "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
                  f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",
                  f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd-%n.pid",
@@ -247,12 +255,12 @@ class Slurm:
                            f"{d}/slurmd-*.log")
 
     def sbatch(self, script: Path, cwd: Path | None = None) -> int:
-        out = _checked_env(["sbatch", "--parsable", str(script)], self.env, cwd).stdout
+        out = _checked(["sbatch", "--parsable", str(script)], self.env, cwd).stdout
         return int(out.strip().split(";")[0])
 
     def update(self, job_id: int, **fields) -> None:
         """`scontrol update JobId=ID KEY=VALUE ...` (TimeLimit, StartTime, ...)."""
-        _checked_env(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in fields.items())], self.env)
+        _checked(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in fields.items())], self.env)
 
     def idle(self) -> bool:
         """Every node idle: no job running or being cleaned up."""
@@ -269,23 +277,9 @@ class Slurm:
     def close(self) -> None:
         subprocess.run(["scancel", "--full", "--user=root"], capture_output=True, env=self.env)
         for proc in reversed(self._daemons):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            _stop(proc, grace=10)  # slurmctld saves its state on SIGTERM
         self._daemons = []
         if HOSTS_FILE.exists():
             kept = [line for line in HOSTS_FILE.read_text().splitlines(keepends=True) if self._marker not in line]
             HOSTS_FILE.write_text("".join(kept))
 
-
-def _checked_env(cmd: list[str], env: dict, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd)
-    if proc.returncode != 0:
-        raise ClusterError(f"cluster: `{' '.join(cmd)}` failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc

@@ -116,6 +116,8 @@ def info() -> DistInfo:
 
 
 _NETWORK: dict = {}
+# How long a collective (or a rank waiting in the store) may wait for slow peers.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def network() -> dict:
@@ -161,10 +163,10 @@ def init(device: torch.device, info: DistInfo | None = None, interface: str = "a
             raise UserError(f"cannot reach the rendezvous host {addr}:{port} within {connect_timeout_s:g} s "
                             f"({str(e).splitlines()[0][:160]}); check that rank 0 is running and that "
                             f"MASTER_ADDR/MASTER_PORT name it") from None
-        store.set_timeout(datetime.timedelta(minutes=30))
+        store.set_timeout(COLLECTIVE_TIMEOUT)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         td.init_process_group(backend, store=td.PrefixStore(f"largebatch/attempt_{attempt}", store),
-                              rank=_INFO.rank, world_size=_INFO.world_size, timeout=datetime.timedelta(minutes=30))
+                              rank=_INFO.rank, world_size=_INFO.world_size, timeout=COLLECTIVE_TIMEOUT)
     return _INFO
 
 
