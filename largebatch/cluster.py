@@ -62,6 +62,17 @@ def _stop(proc: subprocess.Popen, grace: float = 0.0) -> None:
     proc.wait()
 
 
+def _running(name: str) -> bool:
+    """A process of this name is alive on the machine (every host shares its process table)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == name:
+                return True
+        except OSError:  # the process ended while we looked
+            pass
+    return False
+
+
 class _TornDown:
     """Set up on entry (`_open`), torn down on exit (`close`), and also when the set-up
     fails half-way, so that nothing it made is left behind."""
@@ -263,10 +274,12 @@ class Slurm(_TornDown):
         _checked(["scontrol", "update", f"JobId={job_id}", *(f"{k}={v}" for k, v in fields.items())], self.env)
 
     def idle(self) -> bool:
-        """Every node idle: no job running or being cleaned up."""
+        """Every node idle and no job step left on any: sinfo reports a node idle while the
+        slurmstepd of a step it has killed may still be winding down for seconds, and a job
+        started on the node before it is gone can fail to launch."""
         states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
                                 env=self.env).stdout.split()
-        return len(states) == len(self.nodes) and all(s == "idle" for s in states)
+        return len(states) == len(self.nodes) and all(s == "idle" for s in states) and not _running("slurmstepd")
 
     def job(self, job_id: int) -> dict:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""

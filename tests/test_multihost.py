@@ -150,7 +150,10 @@ def test_slurm_job_on_two_hosts_checkpoints_before_its_time_limit_and_requeues_t
                 break
             time.sleep(1)
     logs = "".join(p.read_text(errors="replace") for p in out.glob("slurm-*.out"))
-    assert info.get("JobState") == "COMPLETED" and int(info["Restarts"]) >= 1, (info, logs[-3000:])
+    keys = ("JobState", "Reason", "ExitCode", "Restarts", "TimeLimit", "RunTime")
+    ctld = (tmp_path / "slurm/slurmctld.log").read_text(errors="replace")
+    assert info.get("JobState") == "COMPLETED" and int(info["Restarts"]) >= 1, \
+        ({k: info.get(k) for k in keys}, logs[-2000:], ctld[-2000:])
     assert "largebatch: signal 10: checkpoint at step" in logs
     run = json.loads((out / "run.json").read_text())
     assert run["processes"] == 2 and run["resumed_from_step"] > 0 and run["network"]["interface"] == "eth0"
