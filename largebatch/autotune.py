@@ -4,8 +4,16 @@ bf16 autocast: a CPU that has bf16 instructions (AVX512-BF16, AMX) is not always
 in bf16. On some it is twice as fast for ResNet-50; on others its bf16 matrix products
 run at about half its fp32 rate, and fp32 trains faster. So where the instructions exist,
 a few training steps of the run's own model are timed in both precisions, once per
-machine, model and shape; the answer is cached in ~/.cache/largebatch/bf16.json
-(LARGEBATCH_CACHE moves it) and every later run reads it.
+machine, model and shape.
+
+torch.compile: what it buys depends on the machine and the model as much as bf16 does
+(from +17 % for ResNet-50 on one CPU to nothing on another, docs/BENCHMARKS.md), and
+measuring it costs a compile (a minute or more for ResNet-50). So a run is first timed
+eagerly (cheap) to estimate its length; only a run long enough to repay a compile several
+times has the compiled model timed beside the eager one, once per machine, model and shape.
+
+Answers are cached in ~/.cache/largebatch/ (LARGEBATCH_CACHE moves it) and every later
+run reads them.
 """
 from __future__ import annotations
 
@@ -15,16 +23,43 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .config import ModelConfig
 
 MARGIN = 0.95  # bf16 is chosen only when it is at least 5 % faster
+COMPILE_MARGIN = 0.9  # compiled steps must be at least 10 % faster ...
+COMPILE_PAYBACK = 3  # ... and save at least 3 times the compile time over the run
+COMPILE_MIN_RUN_S = 20 * 60  # shorter runs (eager estimate) are not worth a measurement
+# Part of every cache key: a change to how the timings are taken makes older answers stale.
+# 2: BN scales at 1 (zero-initialised ones made the backward pass subnormal-bound).
+TIMING_VERSION = 2
 
 
-def cache_path() -> Path:
-    return Path(os.environ.get("LARGEBATCH_CACHE", "~/.cache/largebatch")).expanduser() / "bf16.json"
+def cache_path(name: str = "bf16") -> Path:
+    return Path(os.environ.get("LARGEBATCH_CACHE", "~/.cache/largebatch")).expanduser() / f"{name}.json"
+
+
+def cached(name: str, key: str, measure: Callable[[], dict], need: str) -> dict:
+    """The cache entry `key` of cache `name`, measured (and the new fields merged in and
+    written) when it lacks the field `need`."""
+    path = cache_path(name)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if need not in cache.get(key, {}):
+        cache[key] = {**cache.get(key, {}), **measure()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # an unwritable home only costs the measurement again next time
+    return cache[key]
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -48,26 +83,59 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def step_seconds(model_cfg: ModelConfig, channels: int, size: int, batch: int, channels_last: bool,
-                 bf16: bool, steps: int = 2) -> float:
-    """Seconds of a forward + backward of `batch` images of `size` px, after one warm-up."""
+def _model_and_batch(model_cfg: ModelConfig, channels: int, size: int, batch: int, channels_last: bool,
+                     device: torch.device):
     from .models import build_model
     g = torch.Generator().manual_seed(0)
-    model = build_model(model_cfg, channels, model_cfg.num_classes or 10)
-    x = torch.randn(batch, channels, size, size, generator=g)
+    # BN scales at 1, as after the first steps of training: zero-initialised ones, never
+    # updated here, would fill the backward pass with subnormal numbers, which some CPUs
+    # process 10x slower, and the timing would measure that instead of the model
+    model_cfg = dataclasses.replace(model_cfg, zero_init_gamma="none")
+    model = build_model(model_cfg, channels, model_cfg.num_classes or 10).to(device)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(model_cfg.num_classes or 10, (batch,), generator=g)
+    return model, x, torch.randint(model_cfg.num_classes or 10, (batch,), generator=g).to(device)
 
+
+def _timed(forward, x, y, bf16: bool, steps: int) -> tuple[float, float]:
+    """(seconds of the first forward + backward, mean seconds of the next `steps`)."""
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
         loss.backward()
-    step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
     t0 = time.perf_counter()
+    step()
+    first, t0 = time.perf_counter() - t0, time.perf_counter()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t0) / steps
+    return first, (time.perf_counter() - t0) / steps
+
+
+def step_seconds(model_cfg: ModelConfig, channels: int, size: int, batch: int, channels_last: bool,
+                 bf16: bool, steps: int = 2, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds of a forward + backward of `batch` images of `size` px, after one warm-up."""
+    return _timed(*_model_and_batch(model_cfg, channels, size, batch, channels_last, device), bf16, steps)[1]
+
+
+def compile_seconds(model_cfg: ModelConfig, channels: int, size: int, batch: int, channels_last: bool,
+                    bf16: bool, device: torch.device, steps: int = 3) -> dict:
+    """The model's steps eager and compiled, and the compiled model's first step (the compile)."""
+    model, x, y = _model_and_batch(model_cfg, channels, size, batch, channels_last, device)
+    eager = _timed(model, x, y, bf16, steps)[1]
+    first, compiled = _timed(torch.compile(model), x, y, bf16, steps)
+    torch._dynamo.reset()  # the run compiles its own model; keep nothing of this one
+    return {"eager_seconds": eager, "compiled_seconds": compiled, "compile_seconds": first}
+
+
+def timing_batch(batch: int, size: int, group: int = 1) -> int:
+    """The run's micro-batch, up to about 200K pixels (256 Fashion-MNIST images, 8 at 224 px):
+    small convolutions need their real batch to show what a setting buys, large ones do not.
+    A multiple of `group` (BN groups must divide it)."""
+    b = max(1, min(batch, max(8, 256 * 28 * 28 // (size * size))))
+    return max(group, b // group * group)
 
 
 def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, size: int, batch: int,
@@ -77,31 +145,43 @@ def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, siz
     native = native_bf16(device)
     if device.type == "cuda" or not native:
         return native, "the device supports bf16" if native else "no native bf16 on this device"
-    # the run's micro-batch, up to about 200K pixels (256 Fashion-MNIST images, 8 at 224 px):
-    # small convolutions need their real batch to show what bf16 buys, large ones do not
-    batch = max(1, min(batch, max(8, 256 * 28 * 28 // (size * size))))
+    batch = timing_batch(batch, size)
     # BN groups must divide the timing batch; group statistics cost the same in both precisions
     model_cfg = dataclasses.replace(model_cfg, bn_group_size=0, sync_bn=False)
-    key = "|".join(map(str, (cpu_name(), torch.__version__, torch.get_num_threads(), model_cfg.name, channels,
-                             size, batch, channels_last)))
-    path = cache_path()
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
-        fp32 = step_seconds(model_cfg, channels, size, batch, channels_last, False)
-        bf16 = step_seconds(model_cfg, channels, size, batch, channels_last, True)
-        cache[key] = {"fp32_seconds": fp32, "bf16_seconds": bf16}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # an unwritable home only costs the measurement again next time
-    m = cache[key]
+    key = "|".join(map(str, (TIMING_VERSION, cpu_name(), torch.__version__, torch.get_num_threads(), model_cfg.name,
+                             channels, size, batch, channels_last)))
+    m = cached("bf16", key, lambda: {
+        "fp32_seconds": step_seconds(model_cfg, channels, size, batch, channels_last, False),
+        "bf16_seconds": step_seconds(model_cfg, channels, size, batch, channels_last, True)}, need="bf16_seconds")
     on = m["bf16_seconds"] < MARGIN * m["fp32_seconds"]
     why = (f"{model_cfg.name} forward + backward of {batch} images: {m['bf16_seconds']:.3f} s in bf16, "
-           f"{m['fp32_seconds']:.3f} s in fp32 on this CPU (measured once, cached in {path})")
+           f"{m['fp32_seconds']:.3f} s in fp32 on this CPU (measured once, cached in {cache_path('bf16')})")
+    return on, why
+
+
+def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, size: int, batch: int,
+                   channels_last: bool, bf16: bool, micro_steps: int) -> tuple[bool, str]:
+    """(use torch.compile, why) for a run of `micro_steps` forward + backward passes of
+    `batch` images each: on where a compiled step is measured at least 10 % faster and
+    the run is long enough to save 3 times the compile time."""
+    group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
+    model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
+    small = timing_batch(batch, size, group or 1)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    key = "|".join(map(str, (TIMING_VERSION, device_name, torch.__version__, torch.get_num_threads(), model_cfg.name,
+                             group, channels, size, small, channels_last, bf16)))
+    m = cached("compile", key, lambda: {"eager_seconds": step_seconds(model_cfg, channels, size, small, channels_last,
+                                                                      bf16, device=device)}, need="eager_seconds")
+    eager_run = m["eager_seconds"] * batch / small * micro_steps
+    if eager_run < COMPILE_MIN_RUN_S:
+        return False, (f"a run of about {eager_run / 60:.0f} min eager is too short to repay a compile "
+                       f"(measured only for runs over {COMPILE_MIN_RUN_S // 60} min)")
+    m = cached("compile", key, lambda: compile_seconds(model_cfg, channels, size, small, channels_last, bf16,
+                                                       device), need="compiled_seconds")
+    ratio = m["compiled_seconds"] / m["eager_seconds"]
+    saved = eager_run * (1 - ratio)
+    on = ratio <= COMPILE_MARGIN and saved >= COMPILE_PAYBACK * m["compile_seconds"]
+    why = (f"{model_cfg.name}, {small} images: {m['compiled_seconds']:.3f} s compiled, {m['eager_seconds']:.3f} s "
+           f"eager, {m['compile_seconds']:.0f} s to compile; about {eager_run / 60:.0f} min eager "
+           f"(measured once, cached in {cache_path('compile')})")
     return on, why
