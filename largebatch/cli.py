@@ -185,7 +185,7 @@ def cmd_bench(args) -> None:
     from .bench import bench, plot
     procs = [int(p) for p in args.procs.split(",")]
     r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, procs,
-              args.image_size, args.channels_last, args.mode)
+              args.image_size, args.channels_last, args.mode, compile=args.compile)
     print(f"{r['model']} {r['dtype']}, batch {r['batch_per_process']} per process ({r['mode']} scaling):")
     for run, s in zip(r["runs"], r["scaling"]):
         b = run["breakdown"]
@@ -405,6 +405,8 @@ def parser() -> argparse.ArgumentParser:
                    help="weak: --batch per process; strong: global batch = batch x max(procs)")
     b.add_argument("--image-size", type=int, default=224)
     b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (the warmup steps include the compile time)")
     b.add_argument("--out", help="write the JSON here")
     b.add_argument("--plot", help="write a PNG here")
     b.set_defaults(func=cmd_bench)

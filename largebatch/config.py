@@ -210,9 +210,12 @@ class TrainConfig:
     channels_last: bool | None = None
     """NHWC memory format. None = on for torchvision's ResNets, whose wide convolutions
     gain from it, off for the CIFAR-style ones, whose small images lose (docs/BENCHMARKS.md)."""
-    compile: bool = False
-    """torch.compile the model: pays for ResNet-50 after a minute or so of compiling, not
-    for short runs or the small CIFAR-style nets (docs/BENCHMARKS.md)."""
+    compile: bool | None = None
+    """torch.compile the model. None = measured: a run estimated at over 20 minutes eager
+    has the compiled model timed beside the eager one (once per machine, model and shape,
+    cached; autotune.py) and compiles when that is at least 10 % faster and saves 3 times
+    the compile time; shorter runs stay eager. What it buys differs by machine and model
+    (docs/BENCHMARKS.md)."""
     threads: int = 0
     """torch threads per process; 0 = OMP_NUM_THREADS if set, else the cores this process
     may use / processes on this node."""

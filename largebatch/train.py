@@ -78,13 +78,31 @@ def resolve_auto(cfg: Config, device: torch.device) -> Config:
     channels_last = cfg.model.name in TORCHVISION if t.channels_last is None else t.channels_last
     bf16 = t.bf16
     if bf16 is None:
-        d = cfg.data
-        size = {"fmnist": 28, "synthetic": d.synthetic_size}.get(d.name, d.image_size)
-        bf16, why = dist.on_main(lambda: autotune.choose_bf16(device, cfg.model, data_channels(d), size,
-                                                              t.micro_batch or t.global_batch, channels_last))
+        bf16, why = dist.on_main(lambda: autotune.choose_bf16(device, cfg.model, data_channels(cfg.data),
+                                                              image_size(cfg.data), t.micro_batch or t.global_batch,
+                                                              channels_last))
         if dist.info().is_main:
             print(f"largebatch: bf16 autocast {'on' if bf16 else 'off'}: {why}", flush=True)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
+
+
+def image_size(d) -> int:
+    return {"fmnist": 28, "synthetic": d.synthetic_size}.get(d.name, d.image_size)
+
+
+def resolve_compile(cfg: Config, device: torch.device, changes: list, end: int) -> Config:
+    """train.compile None: measured for runs long enough to repay it (autotune.py), on the
+    main process; `changes` are the (first step, layout) of each batch size, `end` the last step."""
+    if cfg.train.compile is not None:
+        return cfg
+    micro_steps = sum((stop - start) * layout.accum_steps
+                      for (start, layout), stop in zip(changes, [c[0] for c in changes[1:]] + [end]))
+    on, why = dist.on_main(lambda: autotune.choose_compile(
+        device, cfg.model, data_channels(cfg.data), image_size(cfg.data), changes[0][1].micro_batch,
+        cfg.train.channels_last, cfg.train.bf16, micro_steps))
+    if dist.info().is_main:
+        print(f"largebatch: torch.compile {'on' if on else 'off'}: {why}", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=on))
 
 
 def setup(cfg: Config, out: Path, resume: bool = False, allow_config_change: bool = False) -> Run:
@@ -133,6 +151,7 @@ def build(cfg: Config, out: Path) -> Run:
                if i == 0 or p.global_batch != phases[i - 1].global_batch]
     if len(changes) > 1:  # batch-size control: the sampler follows the phases' batches
         sampler = GlobalBatchSampler(len(train_set), changes, cfg.train.seed)
+    cfg = resolve_compile(cfg, device, changes, phases[-1].end)
     if cfg.model.num_classes is not None and cfg.model.num_classes < train_set.num_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
                           f"{train_set.num_classes} classes")

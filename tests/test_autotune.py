@@ -1,4 +1,4 @@
-"""bf16 is chosen by timing the run's model on this machine, once, where the CPU has it."""
+"""bf16 and torch.compile are chosen by timing the run's model on this machine, once."""
 import torch
 
 from largebatch import autotune
@@ -32,3 +32,34 @@ def test_bf16_follows_the_measurement_and_is_measured_once(tmp_path, monkeypatch
 def test_the_timing_runs_the_real_model():
     seconds = autotune.step_seconds(ModelConfig(name="resnet8", bn_group_size=0), 1, 28, 8, False, True, steps=1)
     assert 0 < seconds < 10
+
+
+def test_compile_is_measured_only_for_runs_long_enough_and_follows_the_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path))
+    cpu, eager_calls, compile_calls = torch.device("cpu"), [], []
+
+    def eager(model_cfg, channels, size, batch, channels_last, bf16, device):
+        eager_calls.append((model_cfg.name, batch))
+        return 0.1
+
+    def compiled(model_cfg, channels, size, batch, channels_last, bf16, device):
+        compile_calls.append(model_cfg.name)
+        return {"eager_seconds": 0.1, "compiled_seconds": {"resnet8": 0.08, "resnet20": 0.095}[model_cfg.name],
+                "compile_seconds": 60.0}
+    monkeypatch.setattr(autotune, "step_seconds", eager)
+    monkeypatch.setattr(autotune, "compile_seconds", compiled)
+    r8 = ModelConfig(name="resnet8", bn_group_size=32)
+    # 1,024-image micro-batches are timed at 256: 0.4 s each, 100 of them = 40 s: too short
+    on, why = autotune.choose_compile(cpu, r8, 1, 28, 1024, False, True, 100)
+    assert not on and "too short" in why and compile_calls == [] and eager_calls == [("resnet8", 256)]
+    # 30,000 of them = 200 min eager: measured, 20 % faster, saves 40 min for a 1-minute compile
+    on, why = autotune.choose_compile(cpu, r8, 1, 28, 1024, False, True, 30_000)
+    assert on and "0.080 s compiled, 0.100 s eager, 60 s to compile" in why
+    assert compile_calls == ["resnet8"] and len(eager_calls) == 1  # the eager timing was cached
+    assert autotune.choose_compile(cpu, r8, 1, 28, 1024, False, True, 30_000)[0] and compile_calls == ["resnet8"]
+    # 5 % faster is not enough
+    assert not autotune.choose_compile(cpu, ModelConfig(name="resnet20"), 1, 28, 1024, False, True, 30_000)[0]
+    # 20 % faster, but a 25-minute run saves 5 minutes, less than 3 compiles of 10 minutes
+    monkeypatch.setattr(autotune, "compile_seconds", lambda *a: {"eager_seconds": 0.1, "compiled_seconds": 0.08,
+                                                                 "compile_seconds": 600.0})
+    assert not autotune.choose_compile(cpu, ModelConfig(name="resnet32"), 1, 28, 1024, False, True, 3_750)[0]

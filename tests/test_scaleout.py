@@ -162,3 +162,17 @@ def test_slurm_script(tmp_path):
         assert want in text, want
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert (tmp_path / "run").is_dir() and "sbatch" in out
+
+
+def test_compiled_training_resumes_bitwise_and_keeps_the_layout(tmp_path, fmnist_dir):
+    """train.compile=true: 1x4 for 4 steps equals the same run stopped at 2 and resumed
+    (bitwise), and equals 2x2 (2 processes x 2 micro-batches, exact reduction)."""
+    args = [*LAYOUT, "--set", "train.compile=true"]
+    run_cli("train", *args, "--steps", "4", "--out", tmp_path / "1x4")
+    run_cli("train", *args, "--steps", "2", "--out", tmp_path / "split")
+    run_cli("train", *args, "--steps", "4", "--out", tmp_path / "split", "--resume")
+    run_cli("train", *args, "--steps", "4", "--out", tmp_path / "2x2", nproc=2)
+    ref = final(tmp_path / "1x4")
+    assert max_rel_diff(ref, final(tmp_path / "split")) == 0.0
+    assert max_rel_diff(ref, final(tmp_path / "2x2")) <= 1e-5
+    assert "compile: true" in (tmp_path / "2x2/config.yaml").read_text()
