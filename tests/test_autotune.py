@@ -21,7 +21,7 @@ def test_bf16_follows_the_measurement_and_is_measured_once(tmp_path, monkeypatch
     monkeypatch.setattr(autotune, "step_seconds", timed)
     on, why = autotune.choose_bf16(cpu, ModelConfig(name="resnet50"), 3, 224, 32, True)
     assert not on and "1.700 s in bf16, 1.400 s in fp32" in why   # bf16 instructions, yet slower: fp32
-    assert calls == [("resnet50", 8, False), ("resnet50", 8, True)]  # a 224 px batch is cut to 8 images
+    assert calls == [("resnet50", 8, False), ("resnet50", 8, True)] * 3  # 224 px: 8 images; alternated
     assert autotune.choose_bf16(cpu, ModelConfig(name="resnet8"), 1, 28, 1024, False)[0]  # 20 % faster: bf16
     assert calls[-1] == ("resnet8", 256, True)
     n = len(calls)
