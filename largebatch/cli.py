@@ -100,7 +100,7 @@ def cmd_eval(args) -> None:
     except RuntimeError as e:
         raise ConfigError(f"--data: {args.checkpoint} does not fit this data's model ({str(e).splitlines()[0]})") from None
     batch = args.batch or cfg.train.eval_batch
-    result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size),
+    result = evaluate(model, val, batch, device, default_workers(cfg.data, info.local_world_size, device),
                       bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result,
            "skipped_files": getattr(val, "skipped_files", [])}, None, info.is_main)
@@ -115,7 +115,7 @@ def cmd_ensemble(args) -> None:
     paths = [Path(p) for p in args.snapshots]
     cfg, device, info, val, model = _eval_setup(checkpoint.load(paths[-1]), args.data)
     members = RunningEnsemble(val, args.batch or cfg.train.eval_batch, device,
-                              default_workers(cfg.data, info.local_world_size),
+                              default_workers(cfg.data, info.local_world_size, device),
                               bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     result = evaluate_snapshots(paths, model, members)
     if args.average:
@@ -149,7 +149,8 @@ def _average(paths, dest: Path, args, cfg, device, info, val, model) -> dict:
     saved.update(model=model.state_dict(), averaged_from=[str(p) for p in paths], bn_samples=used)
     dist.on_main(lambda: checkpoint.atomic_save(saved, dest))
     t0 = time.perf_counter()
-    r = evaluate(model, val, args.batch or cfg.train.eval_batch, device, default_workers(cfg.data, info.local_world_size),
+    workers = default_workers(cfg.data, info.local_world_size, device)
+    r = evaluate(model, val, args.batch or cfg.train.eval_batch, device, workers,
                  bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     return {"path": str(dest), "members": len(paths), "bn_samples": used, "top1": r["top1"], "top5": r["top5"],
             "forward_passes": 1, "seconds": time.perf_counter() - t0}

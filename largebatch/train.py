@@ -163,7 +163,7 @@ def build(cfg: Config, out: Path) -> Run:
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
                optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
                phases=phases, total_steps=phases[-1].end,
-               workers=default_workers(cfg.data, info.local_world_size), lock=RunLock(out))
+               workers=default_workers(cfg.data, info.local_world_size, device), lock=RunLock(out))
 
 
 class StepPartTimer:

@@ -170,3 +170,18 @@ def test_bench_data_reports_all_three_loaders(tmp_path):
     assert r["images"] == 16 and r["workers"] == 1
     assert r["skipped_files"] == [str(root / "train/cat/zz_broken.jpg")]
     assert r["folder_vs_torchvision"] == pytest.approx(r["folder_images_per_sec"] / r["torchvision_images_per_sec"])
+
+
+def test_loader_workers_default_to_what_the_device_needs(monkeypatch):
+    """A CPU trains on the cores the workers would take: one worker per 16 cores of the
+    process; a GPU's main process wants every other core decoding (at most 8)."""
+    from largebatch import dist
+    from largebatch.config import DataConfig
+    from largebatch.data import default_workers
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    folder = DataConfig(name="folder", path="x")
+    for cores, procs, on_cpu, on_gpu in [(2, 1, 1, 1), (48, 2, 2, 8), (48, 1, 3, 8), (8, 8, 1, 1), (16, 2, 1, 7)]:
+        monkeypatch.setattr(dist, "usable_cores", lambda: cores)
+        assert (default_workers(folder, procs, cpu), default_workers(folder, procs, gpu)) == (on_cpu, on_gpu)
+    assert default_workers(DataConfig(name="fmnist"), 1, cpu) == 0  # in memory
+    assert default_workers(DataConfig(name="folder", path="x", workers=5), 1, cpu) == 5

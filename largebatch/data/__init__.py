@@ -4,6 +4,7 @@ it BatchSpecs from the global sampler, in order."""
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -80,13 +81,19 @@ def _build(cfg: DataConfig, split: str, seed: int):
                      seed + (0 if train else 1))
 
 
-def default_workers(cfg: DataConfig, local_world_size: int) -> int:
+def default_workers(cfg: DataConfig, local_world_size: int, device: torch.device) -> int:
     if cfg.workers >= 0:
         return cfg.workers
     if cfg.name not in ("folder", "shards"):
         return 0  # in-memory batches cost less than a worker's hand-off
-    cores = dist.usable_cores()
-    return max(1, min(8, cores // max(local_world_size, 1) - 1))
+    cores = max(1, dist.usable_cores() // max(local_world_size, 1))
+    if device.type == "cpu":
+        # The model computes on the same cores. One worker decodes about 560 JPEG images/s
+        # (900 from shards) and a CPU core trains ResNet-50 at 3-10 images/s: one worker
+        # per 16 cores of the process keeps even ResNet-18 or evaluation fed, and leaves
+        # the rest to the model (docs/BENCHMARKS.md).
+        return max(1, min(8, math.ceil(cores / 16)))
+    return max(1, min(8, cores - 1))  # a GPU's main process wants every other core decoding
 
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
