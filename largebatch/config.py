@@ -246,6 +246,15 @@ class DistConfig:
     connect_timeout_s: float = 120.0
     """How long a process tries to reach the rendezvous host before it gives up with a
     message naming it."""
+    powersgd_rank: int = 0
+    """Compress the all-reduce with PowerSGD (Vogels et al. 2019; torch's DDP hook) at this
+    rank: each gradient matrix is sent as two thin factors, with error feedback. 0 = off.
+    For slow links. The compressed gradients depend on the process layout, and each
+    process's error feedback (the size of the gradients) is not checkpointed, so a resumed
+    run continues from the checkpoint but is not bitwise the uninterrupted one; the
+    gradient noise scale then reads the compressed mean."""
+    powersgd_start_steps: int = 100
+    """Optimizer steps of plain all-reduce before PowerSGD starts (again after a resume)."""
     exact_reduction: bool = False
     """Sum micro-batch gradients in fp64 across micro-steps and processes, so that every
     process layout computes the same weights to the last bit (fp32 sums round in an
@@ -448,6 +457,12 @@ def validate(cfg: Config) -> None:
     need(not m.sync_bn or m.bn_group_size == 0,
          "model.sync_bn normalises over all processes' micro-batches; set model.bn_group_size=0 with it")
     need(0 <= m.bn_momentum <= 1, "model.bn_momentum must be in [0, 1]")
+    dc = cfg.dist
+    need(dc.powersgd_rank >= 0 and dc.powersgd_start_steps >= 2,
+         "dist.powersgd_rank must be >= 0 and dist.powersgd_start_steps >= 2")
+    need(not dc.powersgd_rank or not (dc.exact_reduction or dc.allreduce_bf16),
+         "dist.powersgd_rank compresses the bucketed all-reduce; it cannot be combined with "
+         "dist.exact_reduction or dist.allreduce_bf16")
     need(0 < d.min_area <= d.max_area <= 1, "data.min_area/max_area must satisfy 0 < min <= max <= 1")
     need(0 < d.min_aspect <= d.max_aspect, "data.min_aspect/max_aspect must satisfy 0 < min <= max")
     if t.steps is None and s.warmup_epochs > t.epochs:

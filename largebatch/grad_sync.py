@@ -1,7 +1,8 @@
 """How gradients become the global-batch mean: one interface, two strategies.
 
 `Bucketed` (the default) lets DDP all-reduce buckets of gradients while backward is
-still running, accumulating micro-batches in fp32. `Exact` sums every micro-batch's
+still running, accumulating micro-batches in fp32 (optionally sent in bf16, or
+compressed by PowerSGD). `Exact` sums every micro-batch's
 gradient in fp64 across micro-steps and processes and divides once, so the fp32 result
 does not depend on how the global batch was cut into processes and micro-steps; it
 costs twice the bytes and all overlap. With one process both run without DDP.
@@ -22,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as td
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
 
 from . import dist
 from .config import DistConfig
@@ -63,9 +65,13 @@ class Bucketed(_Measure):
         self.module = model
         self.ddp = None  # kept apart from `module`, which torch.compile may wrap
         self.micro = 0
+        self.powersgd = None
         if dist.active():
             self.module = self.ddp = self._ddp(model, device, cfg.bucket_mb)
             self.ddp.register_comm_hook(self, _bucket_hook)
+            if cfg.powersgd_rank:
+                self.powersgd = powerSGD.PowerSGDState(None, matrix_approximation_rank=cfg.powersgd_rank,
+                                                       start_powerSGD_iter=cfg.powersgd_start_steps)
         self._reset()
 
     @staticmethod
@@ -104,6 +110,8 @@ class Bucketed(_Measure):
         if self.measure:  # this process's gradient, before it becomes the global mean
             sq = torch.linalg.vector_norm(grads).double().square()
             self.small_sq = sq if self.small_sq is None else self.small_sq + sq
+        if self.powersgd is not None:  # the hook averages, compressed after its first steps
+            return powerSGD.powerSGD_hook(self.powersgd, bucket).then(self._done)
         send = grads.to(torch.bfloat16) if self.bf16 else grads
         send.div_(dist.info().world_size)
 
@@ -113,6 +121,10 @@ class Bucketed(_Measure):
                 grads.copy_(f.value()[0])
             return grads
         return td.all_reduce(send, async_op=True).get_future().then(done)
+
+    def _done(self, fut):
+        self.last_done = time.perf_counter()
+        return fut.value()
 
     def take_seconds(self) -> tuple[float, float]:
         """This step's (communication window: first bucket sent to last reduced;

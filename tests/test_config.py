@@ -114,3 +114,10 @@ def test_recipes_command_lists_one_line_each():
     out = run_cli("recipes").stdout.strip().splitlines()
     assert len(out) == len(recipe_names())
     assert any(line.startswith("sc18-run-a ") for line in out)
+
+
+def test_powersgd_is_refused_with_what_it_cannot_compress():
+    for other in ("dist.exact_reduction=true", "dist.allreduce_bf16=true"):
+        with pytest.raises(ConfigError, match="dist.powersgd_rank compresses the bucketed all-reduce"):
+            build_config({}, ["dist.powersgd_rank=2", other])
+    assert build_config({}, ["dist.powersgd_rank=2"]).dist.powersgd_rank == 2
