@@ -12,7 +12,7 @@ with the *unshaped run of the same layout*, and the prediction takes its compute
 from that run and its network from the shaped all-reduce fit: what is compared is what
 the link costs, with CPU sharing cancelled out.
 
-    sudo python experiments/shaped_scaling.py [--model resnet18] [--procs 2 4] [--out docs/bench/shaped_scaling.json]
+    sudo python experiments/shaped_scaling.py [--model resnet18] [--procs 2 4] [--rates 1gbit] [--out FILE]
 """
 from __future__ import annotations
 
@@ -30,10 +30,13 @@ from largebatch.cluster import Cluster, available
 RATES = ("unshaped", "10gbit", "1gbit")
 
 
-def spec_for(a, allreduce_bf16: bool = False) -> dict:
+COMPRESSION = {"none": {}, "bf16": {"allreduce_bf16": True}, "powersgd": {"powersgd_rank": 4}}
+
+
+def spec_for(a, compression: str = "none") -> dict:
     return {"model": a.model, "batch": a.batch, "steps": a.steps, "warmup": 2, "repeats": a.repeats,
             "dtype": "bf16", "threads": 1, "image_size": a.image_size, "classes": 1000, "channels": 3,
-            "channels_last": True, "allreduce": True, "allreduce_bf16": allreduce_bf16}
+            "channels_last": True, "allreduce": True, **COMPRESSION[compression]}
 
 
 def predicted(unshaped: dict, shaped: dict, procs: int) -> dict:
@@ -57,7 +60,10 @@ def main() -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[2, 4])
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--bf16-allreduce-at", default="1gbit", help="also run the bf16 all-reduce on this link")
+    p.add_argument("--compressed-at", default="1gbit",
+                   help="also run the bf16 all-reduce and PowerSGD (rank 4) on this link")
+    p.add_argument("--rates", nargs="+", default=list(RATES), choices=RATES,
+                   help="links to measure (unshaped is always run: the predictions take compute from it)")
     p.add_argument("--out", type=Path, default=ROOT / "docs/bench/shaped_scaling.json")
     a = p.parse_args()
     if reason := available():
@@ -68,22 +74,22 @@ def main() -> None:
     print(f"1 process: {one['images_per_sec']:.2f} images/s", flush=True)
     for procs in a.procs:
         by_rate = {}
-        for rate in RATES:
-            variants = [False] + ([True] if rate == a.bf16_allreduce_at else [])
-            for bf16 in variants:
+        for rate in [r for r in RATES if r == "unshaped" or r in a.rates]:
+            variants = ["none"] + (["bf16", "powersgd"] if rate == a.compressed_at else [])
+            for comp in variants:
                 t0 = time.time()
                 with Cluster(procs, rate=None if rate == "unshaped" else rate) as c:
-                    r = launch(spec_for(a, bf16), procs, cluster=c)
-                row = {"procs": procs, "link": rate, "allreduce_bf16": bf16, **r}
-                if not bf16:
+                    r = launch(spec_for(a, comp), procs, cluster=c)
+                row = {"procs": procs, "link": rate, "compression": comp, "allreduce_bf16": comp == "bf16", **r}
+                if comp == "none":
                     by_rate[rate] = r
-                if rate != "unshaped" and not bf16:
+                if rate != "unshaped" and comp == "none":
                     row["predicted"] = predicted(by_rate["unshaped"], r, procs)
                     row["vs_unshaped"] = r["images_per_sec"] / by_rate["unshaped"]["images_per_sec"]
                 runs.append(row)
                 ar = r.get("allreduce", {})
                 pred = row.get("predicted", {}).get("images_per_sec")
-                print(f"{procs} hosts, {rate}{' bf16 all-reduce' if bf16 else ''}: {r['images_per_sec']:.2f} images/s, "
+                print(f"{procs} hosts, {rate}{'' if comp == 'none' else ' ' + comp}: {r['images_per_sec']:.2f} images/s, "
                       f"exposed comm {r['breakdown']['comm_exposed']:.3f} s/step, all-reduce {1 / ar.get('beta', float('inf')) / 1e9 * 8:.2f} Gbit/s"
                       + (f", plan {pred:.2f}" if pred else "") + f" ({time.time() - t0:.0f} s)", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,9 @@ def bench_config(spec: dict, procs: int):
                   "channels_last": spec["channels_last"], "threads": spec["threads"],
                   "compile": spec.get("compile", False),
                   "steps": spec["warmup"] + 1 + spec["steps"] * spec["repeats"]},  # + the counted step
-        "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False)}})
+        # PowerSGD compresses from the 3rd step: the warm-up steps also warm its factors
+        "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False),
+                                           "powersgd_rank": spec.get("powersgd_rank", 0), "powersgd_start_steps": 2}})
 
 
 def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
