@@ -113,7 +113,7 @@ def _timed(forward, x, y, bf16: bool, steps: int) -> tuple[float, float]:
     first, t0 = time.perf_counter() - t0, time.perf_counter()
     for _ in range(steps):
         step()
-    return first, (time.perf_counter() - t0) / steps
+    return first, (time.perf_counter() - t0) / steps if steps else 0.0
 
 
 def step_seconds(model_cfg: ModelConfig, channels: int, size: int, batch: int, channels_last: bool,

@@ -63,3 +63,10 @@ def test_compile_is_measured_only_for_runs_long_enough_and_follows_the_measureme
     monkeypatch.setattr(autotune, "compile_seconds", lambda *a: {"eager_seconds": 0.1, "compiled_seconds": 0.08,
                                                                  "compile_seconds": 600.0})
     assert not autotune.choose_compile(cpu, ModelConfig(name="resnet32"), 1, 28, 1024, False, True, 3_750)[0]
+
+
+def test_the_compile_timing_compiles_the_real_model(monkeypatch):
+    monkeypatch.setattr(autotune, "ROUNDS", 1)
+    m = autotune.compile_seconds(ModelConfig(name="resnet8", bn_group_size=4), 1, 28, 8, False, False,
+                                 torch.device("cpu"), steps=1)
+    assert m["compile_seconds"] > m["compiled_seconds"] > 0 and m["eager_seconds"] > 0
