@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, hardware, largebatch, mean_spread, train
+from common import ROOT, hardware, keep_results, largebatch, mean_spread, train
 from zero_gamma_short import make_subset
 
 RESULTS = ROOT / "experiments/results/ce_study"
@@ -95,8 +95,7 @@ def run_one(run: Run, data: Path, results: Path) -> None:
         commands.append(f"largebatch ensemble {out.relative_to(ROOT)}/snapshots/*.pt --average "
                         f"{out.relative_to(ROOT)}/average.pt --out {report.relative_to(ROOT)}")
         shutil.copy(report, dest / "ensemble.json")
-    for f in ("summary.json", "metrics.jsonl", "config.yaml", "run.json"):
-        shutil.copy(out / f, dest / f)
+    keep_results(out, dest)
     (dest / "command.txt").write_text("\n".join(commands) + "\n")
 
 

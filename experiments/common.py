@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,16 @@ def train(out: Path, args: list[str], **kw) -> dict:
         largebatch("train", *args, "--out", out, "--resume", log=out.parent / f"{out.name}.log", **kw)
         print(f"    done in {time.time() - t0:.0f} s", flush=True)
     return json.loads(summary.read_text())
+
+
+KEPT = ("summary.json", "metrics.jsonl", "config.yaml", "run.json")
+
+
+def keep_results(out: Path, dest: Path) -> None:
+    """Copy a finished run's small files (what a study commits) from `out` to `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in KEPT:
+        shutil.copy(out / f, dest / f)
 
 
 def relative(path: Path) -> str:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 
-from common import ROOT, hardware, train
+from common import ROOT, hardware, keep_results, train
 
 RESULTS = ROOT / "experiments/results/compression"
 RUNS = ROOT / "runs/compression"
-KEPT = ("summary.json", "metrics.jsonl", "config.yaml", "run.json")
 VARIANTS = {"fp32": [], "bf16": ["--set", "dist.allreduce_bf16=true"], "powersgd": ["--set", "dist.powersgd_rank=4"]}
 SEEDS = (0, 1)
 
@@ -42,9 +40,7 @@ def main() -> None:
             name = f"{variant}-s{seed}-e{a.epochs:g}"
             if not (RESULTS / name / "summary.json").exists():
                 train(RUNS / name, args_for(variant, seed, a.epochs), threads=1, nproc=2)
-                (RESULTS / name).mkdir(parents=True, exist_ok=True)
-                for f in KEPT:
-                    shutil.copy(RUNS / name / f, RESULTS / name / f)
+                keep_results(RUNS / name, RESULTS / name)
             table.setdefault(variant, []).append(json.loads((RESULTS / name / "summary.json").read_text())["top1"])
     rows = {v: {"top1": t, "mean": statistics.fmean(t), "spread": statistics.stdev(t) if len(t) > 1 else 0.0}
             for v, t in table.items()}

@@ -31,7 +31,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, train
+from common import ROOT, keep_results, train
 from largebatch import checkpoint
 
 RESULTS = ROOT / "experiments/results/critical_batch"
@@ -193,9 +193,7 @@ def run_one(run: Run) -> None:
     train(out, run.cli())
     shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
     dest = RESULTS / run.name
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("summary.json", "metrics.jsonl", "config.yaml", "run.json"):
-        shutil.copy(out / f, dest / f)
+    keep_results(out, dest)
     argv = json.loads((out / "run.json").read_text())["command"]  # as it ran (a resumed run: the last start)
     (dest / "command.txt").write_text("largebatch train " + " ".join(argv[1:]) + "\n")
 

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from common import ROOT, mean_spread, train
+from common import ROOT, keep_results, mean_spread, train
 from largebatch.data import fmnist
 
 SUBSET = 4000
@@ -42,10 +42,7 @@ def main() -> None:
             args = ["--recipe", "fmnist-baseline", "--data", str(data), "--epochs", "5",
                     "--set", f"model.zero_init_gamma={gamma}", "--set", f"train.seed={seed}"]
             summary = train(out, args)
-            dest = RESULTS / name
-            dest.mkdir(parents=True, exist_ok=True)
-            for f in ("summary.json", "metrics.jsonl", "config.yaml", "run.json"):
-                shutil.copy(out / f, dest / f)
+            keep_results(out, RESULTS / name)
             rows.setdefault(gamma, []).append(summary["top1"])
     for gamma, accs in rows.items():
         print(f"zero_init_gamma={gamma}: test top-1 {mean_spread(accs)} % over seeds {len(accs)}")

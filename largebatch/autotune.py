@@ -44,6 +44,11 @@ def cache_path(name: str = "bf16") -> Path:
     return Path(os.environ.get("LARGEBATCH_CACHE", "~/.cache/largebatch")).expanduser() / f"{name}.json"
 
 
+def cache_key(device_name: str, *parts) -> str:
+    """What a timing depends on besides the model: how it is taken, the device, torch, threads."""
+    return "|".join(map(str, (TIMING_VERSION, device_name, torch.__version__, torch.get_num_threads(), *parts)))
+
+
 def cached(name: str, key: str, measure: Callable[[], dict], need: str) -> dict:
     """The cache entry `key` of cache `name`, measured (and the new fields merged in and
     written) when it lacks the field `need`."""
@@ -154,8 +159,7 @@ def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, siz
     batch = timing_batch(batch, size)
     # BN groups must divide the timing batch; group statistics cost the same in both precisions
     model_cfg = dataclasses.replace(model_cfg, bn_group_size=0, sync_bn=False)
-    key = "|".join(map(str, (TIMING_VERSION, cpu_name(), torch.__version__, torch.get_num_threads(), model_cfg.name,
-                             channels, size, batch, channels_last)))
+    key = cache_key(cpu_name(), model_cfg.name, channels, size, batch, channels_last)
     def measure() -> dict:
         times = {False: [], True: []}
         for _ in range(ROUNDS):  # alternated, the least of each: other load on the machine only adds time
@@ -178,8 +182,7 @@ def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, 
     model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
     small = timing_batch(batch, size, group or 1)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    key = "|".join(map(str, (TIMING_VERSION, device_name, torch.__version__, torch.get_num_threads(), model_cfg.name,
-                             group, channels, size, small, channels_last, bf16)))
+    key = cache_key(device_name, model_cfg.name, group, channels, size, small, channels_last, bf16)
     m = cached("compile", key, lambda: {"eager_seconds": step_seconds(model_cfg, channels, size, small, channels_last,
                                                                       bf16, device=device)}, need="eager_seconds")
     eager_run = m["eager_seconds"] * batch / small * micro_steps

@@ -16,7 +16,7 @@ from . import autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runl
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged
 from .rundir import RunLock, open_run_dir
-from .data import build_dataset, data_channels, default_workers, make_loader, model_input, shards
+from .data import build_dataset, data_channels, data_image_size, default_workers, make_loader, model_input, shards
 from .data.sampler import GlobalBatchSampler
 from .dist import Layout, resolve_layout
 from .evaluate import evaluate
@@ -71,6 +71,13 @@ class Run:
     skipped: set = field(default_factory=set)  # unreadable training files met by this process
 
 
+def _announce(what: str, on: bool, why: str) -> bool:
+    """Say on the main process what an automatic choice chose and why; returns the choice."""
+    if dist.info().is_main:
+        print(f"largebatch: {what} {'on' if on else 'off'}: {why}", flush=True)
+    return on
+
+
 def resolve_auto(cfg: Config, device: torch.device) -> Config:
     """Turn the hardware-dependent defaults (None) into values; config.yaml records them.
     bf16 is measured on CPUs that have it (autotune.py), once, on the main process."""
@@ -78,16 +85,10 @@ def resolve_auto(cfg: Config, device: torch.device) -> Config:
     channels_last = cfg.model.name in TORCHVISION if t.channels_last is None else t.channels_last
     bf16 = t.bf16
     if bf16 is None:
-        bf16, why = dist.on_main(lambda: autotune.choose_bf16(device, cfg.model, data_channels(cfg.data),
-                                                              image_size(cfg.data), t.micro_batch or t.global_batch,
-                                                              channels_last))
-        if dist.info().is_main:
-            print(f"largebatch: bf16 autocast {'on' if bf16 else 'off'}: {why}", flush=True)
+        bf16 = _announce("bf16 autocast", *dist.on_main(lambda: autotune.choose_bf16(
+            device, cfg.model, data_channels(cfg.data), data_image_size(cfg.data), t.micro_batch or t.global_batch,
+            channels_last)))
     return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
-
-
-def image_size(d) -> int:
-    return {"fmnist": 28, "synthetic": d.synthetic_size}.get(d.name, d.image_size)
 
 
 def resolve_compile(cfg: Config, device: torch.device, changes: list, end: int) -> Config:
@@ -97,11 +98,9 @@ def resolve_compile(cfg: Config, device: torch.device, changes: list, end: int) 
         return cfg
     micro_steps = sum((stop - start) * layout.accum_steps
                       for (start, layout), stop in zip(changes, [c[0] for c in changes[1:]] + [end]))
-    on, why = dist.on_main(lambda: autotune.choose_compile(
-        device, cfg.model, data_channels(cfg.data), image_size(cfg.data), changes[0][1].micro_batch,
-        cfg.train.channels_last, cfg.train.bf16, micro_steps))
-    if dist.info().is_main:
-        print(f"largebatch: torch.compile {'on' if on else 'off'}: {why}", flush=True)
+    on = _announce("torch.compile", *dist.on_main(lambda: autotune.choose_compile(
+        device, cfg.model, data_channels(cfg.data), data_image_size(cfg.data), changes[0][1].micro_batch,
+        cfg.train.channels_last, cfg.train.bf16, micro_steps)))
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=on))
 
 

@@ -23,6 +23,11 @@ def data_channels(cfg: DataConfig) -> int:
     return {"fmnist": 1, "folder": 3, "shards": 3, "synthetic": cfg.synthetic_channels}[cfg.name]
 
 
+def data_image_size(cfg: DataConfig) -> int:
+    """The side of the images the model sees, known before any file is read."""
+    return {"fmnist": 28, "synthetic": cfg.synthetic_size}.get(cfg.name, cfg.image_size)
+
+
 class Head:
     """The first n samples of a dataset (data.eval_samples: quick validation)."""
 
