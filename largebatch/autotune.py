@@ -191,6 +191,7 @@ def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, 
                        f"(measured only for runs over {COMPILE_MIN_RUN_S // 60} min)")
     m = cached("compile", key, lambda: compile_seconds(model_cfg, channels, size, small, channels_last, bf16,
                                                        device), need="compiled_seconds")
+    eager_run = m["eager_seconds"] * batch / small * micro_steps  # alternated timing: steadier than the first
     ratio = m["compiled_seconds"] / m["eager_seconds"]
     saved = eager_run * (1 - ratio)
     on = ratio <= COMPILE_MARGIN and saved >= COMPILE_PAYBACK * m["compile_seconds"]
