@@ -25,8 +25,9 @@ demo: install
 	rm -rf runs/demo
 	$(VENV)/bin/torchrun --nproc_per_node 2 -m largebatch train --recipe fmnist-large --out runs/demo
 
+# In parallel, one worker per core; the slowest tests are listed at the end.
 test: install
-	$(PY) -m pytest -q -m "not cluster"
+	$(PY) -m pytest -q -n auto --durations=15 -m "not cluster"
 
 # Several hosts on this machine (network namespaces, torchrun, mpirun, a real Slurm); needs root.
 test-cluster: install

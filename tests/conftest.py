@@ -1,4 +1,10 @@
 import os
+
+# The suite runs in parallel (pytest -n auto, one worker per core): a run trained inside a
+# worker keeps to one thread, as the subprocess runs do, so that no two OpenMP teams share
+# a core (they would spin against each other at every barrier, 10x slower).
+os.environ["OMP_NUM_THREADS"] = "1"
+
 import subprocess
 import sys
 import tempfile
@@ -6,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from largebatch.data import fmnist
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 # bf16 timings (autotune) of the tests' runs stay out of the user's cache
