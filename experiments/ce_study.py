@@ -15,6 +15,7 @@ the critical-batch study found within about half a point of batch 128.
     python experiments/ce_study.py --report       # only the doc, from experiments/results/ce_study/
     python experiments/ce_study.py --max-runs 1   # at most one run
     python experiments/ce_study.py --smoke        # a 1-epoch pass of every kind of run (checks the script)
+    python experiments/ce_study.py --save-partial # keep unfinished runs' checkpoints in git
 
 Every finished run's summary.json, metrics.jsonl, ensemble.json (members, last-k
 probability ensembles and the weight average, with inference costs) and command are
@@ -29,11 +30,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, hardware, keep_results, largebatch, mean_spread, train
+from common import ROOT, hardware, keep_results, largebatch, mean_spread, resume_partial, save_partial, train
 from zero_gamma_short import make_subset
 
 RESULTS = ROOT / "experiments/results/ce_study"
 RUNS = ROOT / "runs/ce_study"
+PARTIAL = RESULTS / "partial"  # unfinished runs' newest checkpoint and snapshots, committed when a session ends
 SUBSET, EPOCHS, SEEDS = 20_000, 36, (0, 1, 2)
 CYCLES = {"sc18": 4, "cosine": 4, "fge": 8}
 
@@ -83,7 +85,9 @@ def results_of(run: Run) -> dict | None:
 def run_one(run: Run, data: Path, results: Path) -> None:
     out = RUNS / run.name
     args = run.cli(data)
+    resume_partial(out, PARTIAL / run.name)
     train(out, args)
+    shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
     dest = results / run.name
     dest.mkdir(parents=True, exist_ok=True)
     commands = ["largebatch train " + " ".join(args) + f" --out {out.relative_to(ROOT)}"]
@@ -142,8 +146,16 @@ def main() -> None:
     p.add_argument("--report", action="store_true")
     p.add_argument("--max-runs", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="1 epoch of each kind of run into runs/ce_study_smoke")
+    p.add_argument("--save-partial", action="store_true",
+                   help="copy unfinished runs' newest checkpoints and snapshots under results/partial "
+                        "(before a machine goes away)")
     a = p.parse_args()
     global RUNS
+    if a.save_partial:
+        for r in plan():
+            if results_of(r) is None and save_partial(RUNS / r.name, PARTIAL / r.name):
+                print(f"saved {r.name}")
+        return
     data = make_subset(ROOT / "runs/ce_study/data", SUBSET)
     if a.smoke:
         RUNS = ROOT / "runs/ce_study_smoke"

@@ -50,6 +50,31 @@ def keep_results(out: Path, dest: Path) -> None:
         shutil.copy(out / f, dest / f)
 
 
+def save_partial(out: Path, dest: Path) -> bool:
+    """Keep an unfinished run's state in the repository: its small files, its newest
+    checkpoint and its ensemble snapshots (each under a megabyte for ResNet-8), so that
+    the next machine resumes it instead of starting over (`resume_partial`)."""
+    from largebatch import checkpoint
+    newest = checkpoint.step_files(out / "checkpoints")[-1:]
+    if not newest:
+        return False
+    shutil.rmtree(dest, ignore_errors=True)
+    (dest / "checkpoints").mkdir(parents=True)
+    for f in ("config.yaml", "run.json", "metrics.jsonl"):
+        shutil.copy(out / f, dest / f)
+    for f in (newest[0], newest[0].with_name(newest[0].name + checkpoint.DIGEST)):
+        shutil.copy(f, dest / "checkpoints" / f.name)
+    if (out / "snapshots").is_dir():
+        shutil.copytree(out / "snapshots", dest / "snapshots")
+    return True
+
+
+def resume_partial(out: Path, partial: Path) -> None:
+    """A run kept by `save_partial` continues from its checkpoint on this machine."""
+    if not out.exists() and partial.exists():
+        shutil.copytree(partial, out)
+
+
 def relative(path: Path) -> str:
     """Paths under the repository as the docs show them."""
     try:

@@ -31,8 +31,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, keep_results, train
-from largebatch import checkpoint
+from common import ROOT, keep_results, resume_partial, save_partial, train
 
 RESULTS = ROOT / "experiments/results/critical_batch"
 RUNS = ROOT / "runs/critical_batch"
@@ -171,25 +170,9 @@ STOP = RUNS / "STOP"  # touch it to end the study after the run in progress (the
 PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committed when a session ends
 
 
-def save_partial(run: Run) -> None:
-    """Keep an unfinished run's state in the repository (its newest checkpoint is under
-    a megabyte for ResNet-8), so the next machine resumes it instead of starting over."""
-    out, dest = RUNS / run.name, PARTIAL / run.name
-    newest = checkpoint.step_files(out / "checkpoints")[-1:]
-    if not newest:
-        return
-    shutil.rmtree(dest, ignore_errors=True)
-    (dest / "checkpoints").mkdir(parents=True)
-    for f in ("config.yaml", "run.json", "metrics.jsonl"):
-        shutil.copy(out / f, dest / f)
-    for f in (newest[0], newest[0].with_name(newest[0].name + checkpoint.DIGEST)):
-        shutil.copy(f, dest / "checkpoints" / f.name)
-
-
 def run_one(run: Run) -> None:
     out = RUNS / run.name
-    if not out.exists() and (PARTIAL / run.name).exists():
-        shutil.copytree(PARTIAL / run.name, out)  # resumed from the committed checkpoint
+    resume_partial(out, PARTIAL / run.name)
     train(out, run.cli())
     shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
     dest = RESULTS / run.name
@@ -392,8 +375,7 @@ def main() -> None:
     runs = plan()
     if a.save_partial:
         for r in runs:
-            if results_of(r) is None and (RUNS / r.name / "checkpoints").exists():
-                save_partial(r)
+            if results_of(r) is None and save_partial(RUNS / r.name, PARTIAL / r.name):
                 print(f"saved {r.name}")
         return
     if a.list:
