@@ -298,7 +298,7 @@ def report(runs: list[Run], doc: Path) -> None:
              f"stopped (`python experiments/critical_batch.py`).", "",
              "## Every finished run", "",
              "| global batch | variant | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
-             "steps to 91 % | B_simple at 90 % | B_simple at the end | CPU | wall (s) |",
+             "steps to 91 % | B_simple at 90 % | B_simple, last logged | CPU | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr)):
         s, ev = res["summary"], res["evals"]
@@ -308,7 +308,7 @@ def report(runs: list[Run], doc: Path) -> None:
         n90 = noise_at(metrics, t90) if t90 is not None else None
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(f"| {r.batch} | {r.variant or '—'} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {100 * s['top1']:.2f} | "
-                     f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(s.get('noise_scale_final'))} | {cpu} | "
+                     f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
     if base:
