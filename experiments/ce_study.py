@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, hardware, keep_results, largebatch, mean_spread, resume_partial, save_partial, train
+from common import ROOT, hardware, keep_results, largebatch, mean_spread, save_partials, train
 from zero_gamma_short import make_subset
 
 RESULTS = ROOT / "experiments/results/ce_study"
@@ -85,9 +85,7 @@ def results_of(run: Run) -> dict | None:
 def run_one(run: Run, data: Path, results: Path) -> None:
     out = RUNS / run.name
     args = run.cli(data)
-    resume_partial(out, PARTIAL / run.name)
-    train(out, args)
-    shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
+    train(out, args, partial=PARTIAL / run.name)
     dest = results / run.name
     dest.mkdir(parents=True, exist_ok=True)
     commands = ["largebatch train " + " ".join(args) + f" --out {out.relative_to(ROOT)}"]
@@ -152,9 +150,7 @@ def main() -> None:
     a = p.parse_args()
     global RUNS
     if a.save_partial:
-        for r in plan():
-            if results_of(r) is None and save_partial(RUNS / r.name, PARTIAL / r.name):
-                print(f"saved {r.name}")
+        save_partials([r.name for r in plan() if results_of(r) is None], RUNS, PARTIAL)
         return
     data = make_subset(ROOT / "runs/ce_study/data", SUBSET)
     if a.smoke:

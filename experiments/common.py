@@ -27,16 +27,21 @@ def largebatch(*args, threads: int = 2, nproc: int = 1, log: Path | None = None)
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}" + (f"\nsee {log}" if log else ""))
 
 
-def train(out: Path, args: list[str], **kw) -> dict:
+def train(out: Path, args: list[str], partial: Path | None = None, **kw) -> dict:
     """Train into `out` unless it already holds a finished run; return its summary.
-    An unfinished run (killed study) is resumed from its checkpoints."""
+    An unfinished run (killed study) is resumed from its checkpoints, or, when `out` is
+    missing, from the copy `save_partial` kept in `partial` (dropped once the run ends)."""
     summary = out / "summary.json"
     if not summary.exists():
+        if partial is not None and not out.exists() and partial.exists():
+            shutil.copytree(partial, out)
         t0 = time.time()
         print(f"  train {out.name}: {' '.join(args)}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         largebatch("train", *args, "--out", out, "--resume", log=out.parent / f"{out.name}.log", **kw)
         print(f"    done in {time.time() - t0:.0f} s", flush=True)
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
     return json.loads(summary.read_text())
 
 
@@ -53,15 +58,16 @@ def keep_results(out: Path, dest: Path) -> None:
 def save_partial(out: Path, dest: Path) -> bool:
     """Keep an unfinished run's state in the repository: its small files, its newest
     checkpoint and its ensemble snapshots (each under a megabyte for ResNet-8), so that
-    the next machine resumes it instead of starting over (`resume_partial`)."""
+    the next machine resumes it instead of starting over (`train(..., partial=dest)`)."""
     from largebatch import checkpoint
     newest = checkpoint.step_files(out / "checkpoints")[-1:]
     if not newest:
         return False
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "checkpoints").mkdir(parents=True)
-    for f in ("config.yaml", "run.json", "metrics.jsonl"):
-        shutil.copy(out / f, dest / f)
+    for f in KEPT:
+        if (out / f).exists():  # no summary.json yet
+            shutil.copy(out / f, dest / f)
     for f in (newest[0], newest[0].with_name(newest[0].name + checkpoint.DIGEST)):
         shutil.copy(f, dest / "checkpoints" / f.name)
     if (out / "snapshots").is_dir():
@@ -69,10 +75,11 @@ def save_partial(out: Path, dest: Path) -> bool:
     return True
 
 
-def resume_partial(out: Path, partial: Path) -> None:
-    """A run kept by `save_partial` continues from its checkpoint on this machine."""
-    if not out.exists() and partial.exists():
-        shutil.copytree(partial, out)
+def save_partials(names: list[str], runs: Path, partial: Path) -> None:
+    """`save_partial` for each of a study's unfinished runs that has a checkpoint."""
+    for name in names:
+        if save_partial(runs / name, partial / name):
+            print(f"saved {name}")
 
 
 def relative(path: Path) -> str:

@@ -27,11 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, keep_results, resume_partial, save_partial, train
+from common import ROOT, keep_results, save_partials, train
 
 RESULTS = ROOT / "experiments/results/critical_batch"
 RUNS = ROOT / "runs/critical_batch"
@@ -172,9 +171,7 @@ PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committe
 
 def run_one(run: Run) -> None:
     out = RUNS / run.name
-    resume_partial(out, PARTIAL / run.name)
-    train(out, run.cli())
-    shutil.rmtree(PARTIAL / run.name, ignore_errors=True)
+    train(out, run.cli(), partial=PARTIAL / run.name)
     dest = RESULTS / run.name
     keep_results(out, dest)
     argv = json.loads((out / "run.json").read_text())["command"]  # as it ran (a resumed run: the last start)
@@ -374,9 +371,7 @@ def main() -> None:
     a = p.parse_args()
     runs = plan()
     if a.save_partial:
-        for r in runs:
-            if results_of(r) is None and save_partial(RUNS / r.name, PARTIAL / r.name):
-                print(f"saved {r.name}")
+        save_partials([r.name for r in runs if results_of(r) is None], RUNS, PARTIAL)
         return
     if a.list:
         for r in runs:

@@ -185,13 +185,14 @@ def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, 
     key = cache_key(device_name, model_cfg.name, group, channels, size, small, channels_last, bf16)
     m = cached("compile", key, lambda: {"eager_seconds": step_seconds(model_cfg, channels, size, small, channels_last,
                                                                       bf16, device=device)}, need="eager_seconds")
-    eager_run = m["eager_seconds"] * batch / small * micro_steps
+    run_seconds = lambda m: m["eager_seconds"] * batch / small * micro_steps  # noqa: E731
+    eager_run = run_seconds(m)
     if eager_run < COMPILE_MIN_RUN_S:
         return False, (f"a run of about {eager_run / 60:.0f} min eager is too short to repay a compile "
                        f"(measured only for runs over {COMPILE_MIN_RUN_S // 60} min)")
     m = cached("compile", key, lambda: compile_seconds(model_cfg, channels, size, small, channels_last, bf16,
                                                        device), need="compiled_seconds")
-    eager_run = m["eager_seconds"] * batch / small * micro_steps  # alternated timing: steadier than the first
+    eager_run = run_seconds(m)  # again from the alternated timing: steadier than the first
     ratio = m["compiled_seconds"] / m["eager_seconds"]
     saved = eager_run * (1 - ratio)
     on = ratio <= COMPILE_MARGIN and saved >= COMPILE_PAYBACK * m["compile_seconds"]
