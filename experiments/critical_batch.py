@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import ROOT, keep_results, save_partials, train
@@ -133,7 +133,10 @@ def tuned(batch: int, seed: int = 0) -> list[Run]:
 
 
 def best_run(batch: int, variant: str = "") -> Run | None:
-    done = [(r, res) for r in tuned(batch) if (res := results_of(r))] if not variant else []
+    """The best finished seed-0 run of a batch: over its LR search, or for a variant over
+    the grid's three points."""
+    runs = [Run(batch, lr, variant=variant) for lr in lr_grid(batch)] if variant else tuned(batch)
+    done = [(r, res) for r in runs if (res := results_of(r))]
     return max(done, key=lambda rv: rv[1]["summary"]["top1"])[0] if done else None
 
 
@@ -141,14 +144,17 @@ def plan() -> list[Run]:
     """In priority order, re-read after every run (the LR searches grow from the results):
     the baseline, the batches that map to the paper's and the records' batches (14K, 32K,
     64K on ImageNet = 672, 1,536, 3,072 here), the baseline's own LR search, LARS at 3,072,
-    the second seeds the targets need, then the powers of two that trace the knee, then the
+    the second seeds the targets need (LARS's at 3,072), then the powers of two that trace the knee, then the
     other recipe variants and batch-size control."""
     runs = [Run(SMALL, SMALL_LR)]
     for b in (3072, 1536, 672, SMALL):
         runs += tuned(b)
-    runs += [Run(3072, lr, variant="lars") for lr in lr_grid(3072)[:2]]
-    for b in (SMALL, 672, 1536, 3072):
+    runs += [Run(3072, lr, variant="lars") for lr in lr_grid(3072)]
+    for b in (SMALL, 672, 1536):
         runs += tuned(b, seed=1)
+    # At 3,072 the second seed goes to LARS, the recipe that did best there.
+    if (lars := best_run(3072, "lars")) and all(results_of(Run(3072, lr, variant="lars")) for lr in lr_grid(3072)):
+        runs.append(replace(lars, seed=1))
     for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
         runs += tuned(b)
     runs += [Run(3072, lr, variant=v) for v in ("ls", "nesterov") for lr in lr_grid(3072)[:2]]
