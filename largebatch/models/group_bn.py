@@ -49,6 +49,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         if n % g != 0:
             raise ValueError(f"batch of {n} is not a multiple of bn_group_size {g}")
         k = n // g
+        if torch.compiler.is_compiling():
+            return self._fusable(x, k, g)
         # momentum=1 turns the "running" buffers into this batch's statistics
         # (mean, unbiased variance) computed by the native kernel.
         mean = torch.zeros(k * c, device=x.device)
@@ -65,6 +67,23 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         with torch.no_grad():
             self.stat_sum[0] += mean.view(k, c).double().sum(0)
             self.stat_sum[1] += var.view(k, c).double().sum(0)
+            self.stat_count += k
+        return y
+
+    def _fusable(self, x: torch.Tensor, k: int, g: int) -> torch.Tensor:
+        """The same normalisation written as reductions and pointwise operations, which
+        torch.compile fuses with their neighbours; the reshapes around the native kernel
+        above do not fuse, and compiled they cost more than they save (docs/BENCHMARKS.md).
+        Eager, the native kernel is faster, so each mode keeps its own."""
+        c = x.shape[1]
+        xf = x.float().reshape(k, g, c, -1)
+        var, mean = torch.var_mean(xf, dim=(1, 3), keepdim=True, correction=0)
+        scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1)
+        y = ((xf - mean) * scale + self.bias.view(1, 1, c, 1)).to(x.dtype).reshape(x.shape)
+        m = g * xf.shape[3]  # the running variance is unbiased, as the native kernel's
+        with torch.no_grad():
+            self.stat_sum[0] += mean.view(k, c).double().sum(0)
+            self.stat_sum[1] += var.view(k, c).double().sum(0) * (m / (m - 1))
             self.stat_count += k
         return y
 
