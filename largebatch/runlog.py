@@ -118,6 +118,11 @@ def summary_table(summary: dict) -> str:
             ("processes x accum x micro", f"{summary['processes']} x {summary['accum_steps']} x {summary['micro_batch']}"),
             ("train images/s", f"{summary['images_per_sec']:.1f}"),
             ("wall time", f"{summary['wall_seconds']:.1f} s")]
+    if summary.get("noise_scale") is not None:
+        # B_simple: far above it, a larger batch buys few fewer steps (docs/RESULTS.md).
+        final = summary.get("noise_scale_final")
+        rows.append(("gradient noise scale", f"{summary['noise_scale']:.0f} (run mean)"
+                     + (f", {final:.0f} at the end" if final is not None else "")))
     if "ensemble_top1" in summary:
         rows.insert(2, (f"ensemble of {len(summary['snapshots'])} top-1", f"{summary['ensemble_top1'] * 100:.2f} %"))
     width = max(len(k) for k, _ in rows)

@@ -1,6 +1,7 @@
 """The gradient noise scale against a case with a known answer: a linear least-squares
 model, whose per-sample gradients give |G|^2 and tr(Sigma) exactly over the dataset."""
 import json
+import re
 
 import pytest
 import torch
@@ -78,19 +79,23 @@ def test_layouts_and_their_batch_sizes():
 TINY = [*TRAIN_TINY, "--set", "data.eval_samples=500"]  # global batch 64
 
 
-def test_every_run_reports_it(tmp_path, fmnist_dir):
+def test_every_run_reports_it(tmp_path, fmnist_dir, capsys):
     out = tmp_path / "accum"
     cli_main(["train", *TINY, "--micro-batch", "16", "--steps", "6", "--out", str(out)])
+    printed = capsys.readouterr().out
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [l for l in lines if "loss" in l and not l.get("eval")]
     assert all(l["noise_batches"] == [16, 64] and l["noise_scale"] > 0 and l["trace_cov"] > 0 for l in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] > 0 and summary["noise_batches"] == [16, 64]
+    assert re.search(rf"gradient noise scale +{summary['noise_scale']:.0f} \(run mean\)", printed)
     # resumed at its end (a job requeued after its last step): the estimate comes back whole
     cli_main(["train", *TINY, "--micro-batch", "16", "--steps", "6", "--out", str(out), "--resume"])
     again = json.loads((out / "summary.json").read_text())
     assert again["noise_scale"] == summary["noise_scale"] and again["noise_batches"] == [16, 64]
+    capsys.readouterr()
     out = tmp_path / "plain"
     cli_main(["train", *TINY, "--micro-batch", "64", "--steps", "2", "--out", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] is None and "one batch size" in summary["noise_scale_note"]
+    assert "gradient noise scale" not in capsys.readouterr().out
