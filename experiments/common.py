@@ -14,6 +14,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+DIVERGED_EXIT = 3  # largebatch's exit code for a run whose loss or weights became non-finite
+
+
+class Diverged(Exception):
+    """A run stopped because it diverged: a result for an LR search, not a failure."""
+
+
 def largebatch(*args, threads: int = 2, nproc: int = 1, log: Path | None = None) -> None:
     """Run `largebatch ARGS`; under torchrun when nproc > 1. Output goes to `log`."""
     cmd = [sys.executable, "-m"]
@@ -23,6 +30,8 @@ def largebatch(*args, threads: int = 2, nproc: int = 1, log: Path | None = None)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log or os.devnull, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode == DIVERGED_EXIT:
+        raise Diverged((log.read_text().strip().splitlines() or ["diverged"])[-1] if log else "diverged")
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}" + (f"\nsee {log}" if log else ""))
 

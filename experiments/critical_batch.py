@@ -18,19 +18,22 @@ there is never trained again, so the study continues across machines and session
 Recipe (fixed for every batch, so only LR and warmup vary): fmnist-baseline (ResNet-8,
 bf16, no augmentation, wd 5e-4 off BN and biases, BN over groups of 32 samples) with
 zero-gamma off, SGD momentum 0.9, cosine decay to zero over the budget, linear warmup
-from LR 0 that grows with the batch. The LR grid spans the square-root rule to the
-linear rule from the batch-128 baseline LR 0.1: lr(B) = 0.1 * (B / 128) ** p, p in
-{0.5, 0.75, 1}; at batch 128 the grid is {0.05, 0.1, 0.2}.
+from LR 0 that grows with the batch. The LR grid runs from the square-root rule past the
+linear rule from the batch-128 LR 0.1: lr(B) = 0.1 * (B / 128) ** p, starting at
+p in {0.75, 1} and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
+batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that diverges is
+kept as a result (0 %, with the reason) and the search moves away from it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from common import ROOT, keep_results, save_partials, train
+from common import ROOT, Diverged, keep_results, save_partials, train
 
 RESULTS = ROOT / "experiments/results/critical_batch"
 RUNS = ROOT / "runs/critical_batch"
@@ -114,11 +117,11 @@ def lr_grid(batch: int) -> list[float]:
 def tuned(batch: int, seed: int = 0) -> list[Run]:
     """The LR search for one batch, grown from what has finished: p = 0.75 and 1, then one
     more quarter in the better direction while the best is at an edge of what has been tried
-    (p from 0.25 to 1.25). Seeds other than 0 rerun the best LR of seed 0."""
+    (p from 0.25 to 1.5). Seeds other than 0 rerun the best LR of seed 0."""
     if seed:
         best = best_run(batch)
         return [Run(batch, best.lr, seed)] if best else []
-    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25) if results_of(Run(batch, lr_at(batch, p)))]
+    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25, 1.5) if results_of(Run(batch, lr_at(batch, p)))]
     while True:
         ps = sorted(set(ps))
         top1 = {p: res["summary"]["top1"] for p in ps if (res := results_of(Run(batch, lr_at(batch, p))))}
@@ -126,7 +129,7 @@ def tuned(batch: int, seed: int = 0) -> list[Run]:
             break  # a run of the grid is still to do
         best = max(top1, key=top1.get)
         step = -0.25 if best == ps[0] else 0.25 if best == ps[-1] else 0
-        if not step or not 0.25 <= best + step <= 1.25:
+        if not step or not 0.25 <= best + step <= 1.5:
             break
         ps.append(best + step)
     return [Run(batch, lr_at(batch, p)) for p in sorted(set(ps))]
@@ -144,8 +147,8 @@ def plan() -> list[Run]:
     """In priority order, re-read after every run (the LR searches grow from the results):
     the baseline, the batches that map to the paper's and the records' batches (14K, 32K,
     64K on ImageNet = 672, 1,536, 3,072 here), the baseline's own LR search, LARS at 3,072,
-    the second seeds the targets need (LARS's at 3,072), then the powers of two that trace the knee, then the
-    other recipe variants and batch-size control."""
+    the second seeds the targets need (LARS's at 3,072), batch-size control (a target of its
+    own), then the powers of two that trace the knee, then the other recipe variants."""
     runs = [Run(SMALL, SMALL_LR)]
     for b in (3072, 1536, 672, SMALL):
         runs += tuned(b)
@@ -155,10 +158,10 @@ def plan() -> list[Run]:
     # At 3,072 the second seed goes to LARS, the recipe that did best there.
     if (lars := best_run(3072, "lars")) and all(results_of(Run(3072, lr, variant="lars")) for lr in lr_grid(3072)):
         runs.append(replace(lars, seed=1))
+    runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
     for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
         runs += tuned(b)
     runs += [Run(3072, lr, variant=v) for v in ("ls", "nesterov") for lr in lr_grid(3072)[:2]]
-    runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
     return list(dict.fromkeys(runs))
 
 
@@ -177,7 +180,17 @@ PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committe
 
 def run_one(run: Run) -> None:
     out = RUNS / run.name
-    train(out, run.cli(), partial=PARTIAL / run.name)
+    t0 = time.time()
+    try:
+        train(out, run.cli(), partial=PARTIAL / run.name)
+    except Diverged as e:
+        # An LR too high for its batch is an answer of the search: kept as a finished run
+        # at 0 % (below every run that trained), with the reason, so it is not retried.
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        step = max((x["step"] for x in lines), default=0)
+        summary = {"top1": 0.0, "top5": 0.0, "steps": step, "wall_seconds": time.time() - t0, "diverged": str(e)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"    diverged: {e}", flush=True)
     dest = RESULTS / run.name
     keep_results(out, dest)
     argv = json.loads((out / "run.json").read_text())["command"]  # as it ran (a resumed run: the last start)
@@ -309,8 +322,9 @@ def report(runs: list[Run], doc: Path) -> None:
         cpu = json.loads((RESULTS / r.name / "run.json").read_text()).get("cpu", "?")
         t90, t91 = steps_to(ev, TARGETS[0]), steps_to(ev, TARGETS[1])
         n90 = noise_at(metrics, t90) if t90 is not None else None
+        top1 = "diverged" if s.get("diverged") else f"{100 * s['top1']:.2f}"
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {100 * s['top1']:.2f} | "
+        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {top1} | "
                      f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
