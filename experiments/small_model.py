@@ -75,6 +75,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--images", type=int, default=8192, help="images timed per variant and round")
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="these variants (and the baseline) only")
     p.add_argument("--out", type=Path)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -83,9 +84,10 @@ def main() -> None:
         return
     sys.path.insert(0, str(ROOT))
     from common import hardware  # noqa: E402
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    names = [n for n in VARIANTS if not args.only or n in args.only or n == DEFAULT]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in VARIANTS:
+        for name in names:
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--images", str(args.images)],
                                  capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode != 0:
