@@ -238,6 +238,34 @@ def _plan_inputs(args):
     return compute, net, grad
 
 
+def _plan_statistics(args):
+    """--noise-scale: a number, or a run directory whose summary.json measured one (its
+    last value, else its run mean); --reference-batch: where --epochs reach the target
+    (default: that run's global batch)."""
+    from . import plan
+    if args.noise_scale is None:
+        return None
+    reference = args.reference_batch
+    try:
+        value = float(args.noise_scale)
+    except ValueError:
+        path = Path(args.noise_scale) / "summary.json"
+        if not path.is_file():
+            raise ConfigError(f"plan: --noise-scale {args.noise_scale}: neither a number nor a run directory "
+                              f"with a summary.json")
+        summary = json.loads(path.read_text())
+        value = summary.get("noise_scale_final") or summary.get("noise_scale")
+        if not value or value <= 0:
+            raise ConfigError(f"plan: {path} has no gradient noise scale ({summary.get('noise_scale_note', 'none')})")
+        reference = reference or summary.get("global_batch")
+    if value <= 0:
+        raise ConfigError(f"plan: --noise-scale must be positive, not {args.noise_scale}")
+    if not reference:
+        raise ConfigError("plan: --noise-scale needs --reference-batch, the global batch at which --epochs reach "
+                          "the target")
+    return plan.Statistics(value, reference)
+
+
 def cmd_plan(args) -> None:
     from . import plan
     if (args.batch_per_proc is None) == (args.global_batch is None):
@@ -245,30 +273,48 @@ def cmd_plan(args) -> None:
     compute, net, grad = _plan_inputs(args)
     nodes = [int(n) for n in args.nodes.split(",")]
     algorithms = ["ring", "tree", "hierarchical"] if args.algorithm == "all" else [args.algorithm]
+    stats = _plan_statistics(args)
     rows = {a: plan.rows_for(compute, net, grad, nodes, args.procs_per_node, args.batch_per_proc,
-                             args.global_batch, args.epochs, args.dataset_size, a, args.bucket_mb)
+                             args.global_batch, args.epochs, args.dataset_size, a, args.bucket_mb, stats)
             for a in algorithms}
     print(f"gradients {grad / 1e6:.1f} MB; compute {compute.fwd_per_image + compute.bwd_per_image:.4f} s per "
           f"image per process; alpha {net.alpha * 1e6:.1f} us, {1 / net.beta / 1e9:.2f} GB/s between nodes")
+    if stats:
+        print(f"noise scale {stats.noise_scale:.0f}: {args.epochs:g} epochs at batch {stats.reference_batch} "
+              f"become E(B) = E_min (1 + B / {stats.noise_scale:.0f}) at batch B")
     for a, rs in rows.items():
         print(f"{a}:\n  {'nodes':>6} {'procs':>6} {'batch':>7} {'step s':>8} {'exposed s':>9} {'images/s':>10} "
-              f"{'eff':>6} {'time to train':>14}")
+              f"{'eff':>6} {'time to train':>14}" + (f" {'epochs':>7} {'to target':>12}" if stats else ""))
         for r in rs:
             print(f"  {r['nodes']:>6} {r['procs']:>6} {r['global_batch']:>7} {r['step_seconds']:>8.3f} "
                   f"{r['exposed_comm_seconds']:>9.4f} {r['images_per_sec']:>10.1f} {r['efficiency']:>6.3f} "
-                  f"{r['time_to_train_seconds'] / 60:>11.1f} min")
+                  f"{r['time_to_train_seconds'] / 60:>11.1f} min" +
+                  (f" {r['epochs_to_target']:>7.1f} {r['time_to_target_seconds'] / 60:>8.1f} min" if stats else ""))
+        if stats:
+            best = min(rs, key=lambda r: r["time_to_target_seconds"])
+            print(f"  fastest to the target: {best['nodes']} nodes, global batch {best['global_batch']}, "
+                  f"{best['epochs_to_target']:.1f} epochs, {best['time_to_target_seconds'] / 60:.1f} min")
+            # Past B_noise the epochs double: the point of diminishing returns (McCandlish's B_crit).
+            worth = [r for r in rs if r["efficiency"] * args.epochs / r["epochs_to_target"] >= 0.5]
+            if worth:
+                r = worth[-1]
+                print(f"  worth its nodes (scaling x epochs efficiency >= 0.5) up to {r['nodes']} nodes, "
+                      f"global batch {r['global_batch']}: {r['time_to_target_seconds'] / 60:.1f} min")
     result = {"assumptions": plan.__doc__, "gradient_bytes": grad, "compute": vars(compute), "network": vars(net),
+              "statistics": vars(stats) if stats else None,
               "rows": rows[algorithms[-1]] if len(algorithms) == 1 else [r | {"algorithm": a}
                                                                        for a, rs in rows.items() for r in rs]}
     if args.deadline_minutes:
         if args.batch_per_proc is None:
             raise ConfigError("plan: --deadline-minutes searches node counts at a fixed --batch-per-proc")
         hit = plan.nodes_for_deadline(compute, net, grad, args.procs_per_node, args.batch_per_proc, args.epochs,
-                                      args.dataset_size, args.deadline_minutes * 60, algorithms[-1], args.bucket_mb)
+                                      args.dataset_size, args.deadline_minutes * 60, algorithms[-1], args.bucket_mb,
+                                      stats=stats)
         result["deadline"] = hit
+        seconds = hit and (hit["time_to_target_seconds"] if stats else hit["time_to_train_seconds"])
         print(f"deadline {args.deadline_minutes} min ({algorithms[-1]}): " +
               (f"{hit['nodes']} nodes, global batch {hit['global_batch']}, efficiency {hit['efficiency']:.3f}, "
-               f"{hit['time_to_train_seconds'] / 60:.1f} min" if hit else "not reachable at this batch per process"))
+               f"{seconds / 60:.1f} min" if hit else "not reachable at this batch per process"))
     if args.plot:
         plan.plot(rows, Path(args.plot), f"{args.epochs:g} epochs, {args.procs_per_node} procs/node")
     if args.out:
@@ -428,6 +474,10 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--dataset-size", type=int, default=1281167, help="training images (ImageNet-1K)")
     pl.add_argument("--bucket-mb", type=float, default=25.0)
     pl.add_argument("--deadline-minutes", type=float, help="also find the fewest nodes that meet this")
+    pl.add_argument("--noise-scale", help="gradient noise scale B_noise, or a run directory that measured one: "
+                    "the epochs then grow with the batch, E(B) = E_min (1 + B / B_noise)")
+    pl.add_argument("--reference-batch", type=int, help="the global batch at which --epochs reach the target "
+                    "(default: the --noise-scale run's)")
     pl.add_argument("--out", help="write the rows as JSON here")
     pl.add_argument("--plot", help="write a PNG over N here")
     pl.set_defaults(func=cmd_plan)

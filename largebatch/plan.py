@@ -18,6 +18,11 @@ Assumptions, all of them:
                   2 (N-1) alpha + 2 (N-1)/N n beta (the node's NIC carries its traffic)
   With one node, ring and tree use the intra-node alpha_i, beta_i.
 - No stragglers, no data-loading stalls, no contention from other jobs.
+- Epochs: the same at every batch, unless a gradient noise scale is given; then the
+  epochs to the same target follow E(B) = E_min (1 + B / B_noise) (McCandlish et al.
+  2018, "An Empirical Model of Large-Batch Training"), from `epochs` at a reference
+  batch: up to about B_noise a larger batch costs few extra epochs, far above it the
+  epochs grow with the batch and more nodes stop shortening the run.
 """
 from __future__ import annotations
 
@@ -102,6 +107,16 @@ def exposed_comm(backward: float, grad_bytes: float, bucket_bytes: float, cost) 
     return total, max(0.0, done - backward)
 
 
+@dataclass(frozen=True)
+class Statistics:
+    """`epochs` reach the target at `reference_batch`; `noise_scale` is B_noise."""
+    noise_scale: float
+    reference_batch: int
+
+    def epochs(self, batch: int, epochs: float) -> float:
+        return epochs * (1 + batch / self.noise_scale) / (1 + self.reference_batch / self.noise_scale)
+
+
 @dataclass
 class Row:
     nodes: int
@@ -116,10 +131,13 @@ class Row:
     images_per_sec: float
     efficiency: float
     time_to_train_seconds: float
+    epochs_to_target: float | None = None       # with a noise scale (Statistics)
+    time_to_target_seconds: float | None = None
 
 
 def predict(compute: Compute, net: Network, grad_bytes: float, nodes: int, ppn: int, global_batch: int,
-            epochs: float, dataset: int, algorithm: str = "hierarchical", bucket_mb: float = 25.0) -> Row:
+            epochs: float, dataset: int, algorithm: str = "hierarchical", bucket_mb: float = 25.0,
+            stats: Statistics | None = None) -> Row:
     w = nodes * ppn
     b = global_batch / w
     fwd, bwd = b * compute.fwd_per_image, b * compute.bwd_per_image
@@ -128,27 +146,37 @@ def predict(compute: Compute, net: Network, grad_bytes: float, nodes: int, ppn: 
                                   lambda n: allreduce_seconds(n, nodes, ppn, net, algorithm))
     step = comp + exposed
     ips = global_batch / step
-    return Row(nodes, ppn, w, global_batch, b, comp, total, exposed, step, ips, comp / step,
-               epochs * dataset / ips)
+    row = Row(nodes, ppn, w, global_batch, b, comp, total, exposed, step, ips, comp / step, epochs * dataset / ips)
+    if stats:
+        row.epochs_to_target = stats.epochs(global_batch, epochs)
+        row.time_to_target_seconds = row.epochs_to_target * dataset / ips
+    return row
 
 
 def rows_for(compute: Compute, net: Network, grad_bytes: float, nodes: list[int], ppn: int,
              batch_per_proc: float | None, global_batch: int | None, epochs: float, dataset: int,
-             algorithm: str, bucket_mb: float) -> list[dict]:
+             algorithm: str, bucket_mb: float, stats: Statistics | None = None) -> list[dict]:
     out = []
     for n in nodes:
         gb = global_batch if global_batch else int(round(batch_per_proc * n * ppn))
-        out.append(asdict(predict(compute, net, grad_bytes, n, ppn, gb, epochs, dataset, algorithm, bucket_mb)))
+        out.append(asdict(predict(compute, net, grad_bytes, n, ppn, gb, epochs, dataset, algorithm, bucket_mb,
+                                  stats)))
     return out
 
 
 def nodes_for_deadline(compute: Compute, net: Network, grad_bytes: float, ppn: int, batch_per_proc: float,
                        epochs: float, dataset: int, seconds: float, algorithm: str, bucket_mb: float,
-                       max_nodes: int = 100_000) -> dict | None:
-    """The fewest nodes (weak scaling at batch_per_proc) that train within `seconds`."""
+                       max_nodes: int = 100_000, stats: Statistics | None = None) -> dict | None:
+    """The fewest nodes (weak scaling at batch_per_proc) that train within `seconds`; with
+    a noise scale, that reach the target within `seconds` (the epochs grow with the batch)."""
     lo, hi = 1, max_nodes
     row = lambda n: predict(compute, net, grad_bytes, n, ppn, int(round(batch_per_proc * n * ppn)), epochs,
-                            dataset, algorithm, bucket_mb)
+                            dataset, algorithm, bucket_mb, stats)
+    if stats:
+        # Time to target falls, then rises once the batch passes the noise scale: not
+        # monotone in the node count, so every count is tried (each prediction is cheap).
+        return next((asdict(r) for n in range(1, max_nodes + 1)
+                     if (r := row(n)).time_to_target_seconds <= seconds), None)
     if row(hi).time_to_train_seconds > seconds:
         return None
     while lo < hi:

@@ -87,3 +87,54 @@ def test_plan_cli_from_a_bench_file_and_from_the_paper(tmp_path):
     bad = run_cli("plan", "--node-images-per-sec", "98.5", "--batch-per-proc", "16", check=False)
     assert bad.returncode == 2 and "--interconnect" in bad.stderr
     assert math.isfinite(rows[1]["efficiency"])
+
+
+def test_a_noise_scale_makes_the_epochs_grow_with_the_batch():
+    """E(B) = E_min (1 + B / B_noise), anchored at the reference batch's epochs."""
+    stats = plan.Statistics(noise_scale=1000, reference_batch=100)
+    assert stats.epochs(100, 90) == pytest.approx(90)
+    e_min = 90 / 1.1
+    assert stats.epochs(1000, 90) == pytest.approx(2 * e_min)       # at B_noise: twice the fewest epochs
+    assert stats.epochs(10_000, 90) == pytest.approx(11 * e_min)
+    compute = plan.Compute.from_node_throughput(100.0, 1)
+    net = plan.Network.named("omnipath-100")
+    row = plan.predict(compute, net, 1e8, 8, 1, 8 * 125, 90, 50_000, stats=stats)
+    assert row.epochs_to_target == pytest.approx(stats.epochs(1000, 90))
+    assert row.time_to_target_seconds == pytest.approx(row.epochs_to_target * 50_000 / row.images_per_sec)
+    assert plan.predict(compute, net, 1e8, 8, 1, 1000, 90, 50_000).time_to_target_seconds is None
+    # The deadline counts the extra epochs: the fewest nodes that reach the target in time
+    deadline = 1.5 * row.time_to_target_seconds
+    hit = plan.nodes_for_deadline(compute, net, 1e8, 1, 125, 90, 50_000, deadline, "hierarchical", 25,
+                                  max_nodes=64, stats=stats)
+    assert hit["time_to_target_seconds"] <= deadline and hit["epochs_to_target"] > 90
+    fewer = plan.predict(compute, net, 1e8, hit["nodes"] - 1, 1, (hit["nodes"] - 1) * 125, 90, 50_000, stats=stats)
+    assert fewer.time_to_target_seconds > deadline
+    # Far past B_noise more nodes buy little: a deadline below S_min x step time is never met
+    assert plan.nodes_for_deadline(compute, net, 1e8, 1, 125, 90, 50_000, 60, "hierarchical", 25,
+                                   max_nodes=64, stats=stats) is None
+
+
+def test_plan_cli_reads_the_noise_scale_of_a_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"noise_scale": 900.0, "noise_scale_final": 1200.0,
+                                                  "global_batch": 128}))
+    out = tmp_path / "plan.json"
+    shown = run_cli("plan", "--node-images-per-sec", "1000", "--interconnect", "ethernet-100", "--batch-per-proc", "128",
+                    "--nodes", "1,4,16,64", "--epochs", "12", "--dataset-size", "60000", "--noise-scale", run,
+                    "--out", out).stdout
+    result = json.loads(out.read_text())
+    assert result["statistics"] == {"noise_scale": 1200.0, "reference_batch": 128}
+    rows = result["rows"]
+    assert rows[0]["epochs_to_target"] == pytest.approx(12)
+    assert rows[-1]["epochs_to_target"] == pytest.approx(12 * (1 + 8192 / 1200) / (1 + 128 / 1200))
+    assert "noise scale 1200" in shown and "fastest to the target" in shown
+    # 4 nodes (batch 512) keeps scaling x epochs efficiency above 0.5, 16 (2,048) does not
+    assert "worth its nodes (scaling x epochs efficiency >= 0.5) up to 4 nodes, global batch 512" in shown
+    (run / "summary.json").write_text(json.dumps({"noise_scale": None, "noise_scale_note": "not measured: one batch"}))
+    bad = run_cli("plan", "--node-images-per-sec", "1000", "--interconnect", "ethernet-100", "--batch-per-proc", "128",
+                  "--noise-scale", run, check=False)
+    assert bad.returncode == 2 and "has no gradient noise scale (not measured: one batch)" in bad.stderr
+    bad = run_cli("plan", "--node-images-per-sec", "1000", "--interconnect", "ethernet-100", "--batch-per-proc", "128",
+                  "--noise-scale", "3000", check=False)
+    assert bad.returncode == 2 and "--reference-batch" in bad.stderr and "Traceback" not in bad.stderr
