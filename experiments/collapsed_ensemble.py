@@ -1,6 +1,6 @@
 """Fashion-MNIST at a fixed epoch budget: one ordinary run (fmnist-large) against the
 Collapsed Ensemble (fmnist-ce: the same 12 epochs as a main phase, 3 cycles and a
-collapse), for several seeds. Writes docs/COLLAPSED_ENSEMBLE.md from the runs' files.
+collapse), for several seeds. Writes docs/COLLAPSED_ENSEMBLE_12EPOCHS.md from the runs' files.
 
     python experiments/collapsed_ensemble.py [--seeds 0 1] [--runs runs/ce-study]
 
@@ -19,9 +19,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--runs", type=Path, default=ROOT / "runs/ce-study")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs/COLLAPSED_ENSEMBLE.md")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs/COLLAPSED_ENSEMBLE_12EPOCHS.md")
     p.add_argument("--epochs", type=float, help="shorter budget for a smoke check")
-    p.add_argument("--reading", type=Path, default=ROOT / "experiments/ce_reading.md",
+    p.add_argument("--reading", type=Path, default=ROOT / "experiments/ce_12epochs_reading.md",
                    help="the hand-written reading of the results, added after the generated one")
     a = p.parse_args()
     extra = ["--epochs", str(a.epochs), "--set", "schedule.warmup_epochs=0.2"] if a.epochs else []
