@@ -114,17 +114,18 @@ def lr_grid(batch: int) -> list[float]:
     return [lr_at(batch, p) for p in (0.5, 0.75, 1.0)]
 
 
-def tuned(batch: int, seed: int = 0) -> list[Run]:
-    """The LR search for one batch, grown from what has finished: p = 0.75 and 1, then one
-    more quarter in the better direction while the best is at an edge of what has been tried
-    (p from 0.25 to 1.5). Seeds other than 0 rerun the best LR of seed 0."""
+def tuned(batch: int, seed: int = 0, variant: str = "") -> list[Run]:
+    """The LR search for one batch (and variant), grown from what has finished: p = 0.75
+    and 1, then one more quarter in the better direction while the best is at an edge of
+    what has been tried (p from 0.25 to 1.5). Seeds other than 0 rerun the best LR of seed 0."""
     if seed:
-        best = best_run(batch)
-        return [Run(batch, best.lr, seed)] if best else []
-    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25, 1.5) if results_of(Run(batch, lr_at(batch, p)))]
+        best = best_run(batch, variant)
+        return [replace(best, seed=seed)] if best else []
+    run_at = lambda p: Run(batch, lr_at(batch, p), variant=variant)  # noqa: E731
+    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25, 1.5) if results_of(run_at(p))]
     while True:
         ps = sorted(set(ps))
-        top1 = {p: res["summary"]["top1"] for p in ps if (res := results_of(Run(batch, lr_at(batch, p))))}
+        top1 = {p: res["summary"]["top1"] for p in ps if (res := results_of(run_at(p)))}
         if len(top1) < len(ps):
             break  # a run of the grid is still to do
         best = max(top1, key=top1.get)
@@ -132,14 +133,12 @@ def tuned(batch: int, seed: int = 0) -> list[Run]:
         if not step or not 0.25 <= best + step <= 1.5:
             break
         ps.append(best + step)
-    return [Run(batch, lr_at(batch, p)) for p in sorted(set(ps))]
+    return [run_at(p) for p in sorted(set(ps))]
 
 
 def best_run(batch: int, variant: str = "") -> Run | None:
-    """The best finished seed-0 run of a batch: over its LR search, or for a variant over
-    the grid's three points."""
-    runs = [Run(batch, lr, variant=variant) for lr in lr_grid(batch)] if variant else tuned(batch)
-    done = [(r, res) for r in runs if (res := results_of(r))]
+    """The best finished seed-0 run of a batch's LR search."""
+    done = [(r, res) for r in tuned(batch, variant=variant) if (res := results_of(r))]
     return max(done, key=lambda rv: rv[1]["summary"]["top1"])[0] if done else None
 
 
@@ -152,12 +151,10 @@ def plan() -> list[Run]:
     runs = [Run(SMALL, SMALL_LR)]
     for b in (3072, 1536, 672, SMALL):
         runs += tuned(b)
-    runs += [Run(3072, lr, variant="lars") for lr in lr_grid(3072)]
+    runs += tuned(3072, variant="lars")
     for b in (SMALL, 672, 1536):
         runs += tuned(b, seed=1)
-    # At 3,072 the second seed goes to LARS, the recipe that did best there.
-    if (lars := best_run(3072, "lars")) and all(results_of(Run(3072, lr, variant="lars")) for lr in lr_grid(3072)):
-        runs.append(replace(lars, seed=1))
+    runs += tuned(3072, seed=1, variant="lars")  # at 3,072 the second seed goes to the better optimizer
     runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
     for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
         runs += tuned(b)
