@@ -89,6 +89,7 @@ VARIANTS = {
     "": [],
     "zerogamma": ["--set", "model.zero_init_gamma=all"],
     "lars": ["--set", "optim.name=lars", "--set", "optim.lars_trust=0.02"],
+    "lamb": ["--set", "optim.name=lamb"],
     "ls": ["--set", "optim.label_smoothing=0.1"],
     "nesterov": ["--set", "optim.nesterov=true"],
     # Batch-size control (Smith et al. 2018): from 768, the batch doubles every 4 epochs at a
@@ -100,13 +101,18 @@ VARIANTS = {
 }
 
 
-def lr_at(batch: int, p: float) -> float:
+# LAMB's LR is the fraction of its weights a layer moves per step, as LARS's LR times its
+# trust coefficient is: its grid is LARS's times 0.02, so both search the same steps.
+LR_SCALE = {"lamb": 0.02}
+
+
+def lr_at(batch: int, p: float, variant: str = "") -> float:
     """The grid's LR at exponent p: lr(B) = 0.1 * (B / 128) ** p. At batch 128 itself the
     exponent is read as a factor 2 ** (4 p - 3): p = 0.75 is the baseline LR, each quarter a
     doubling, so the baseline is tuned on the same number of points as every other batch."""
-    if batch == SMALL:
-        return round(SMALL_LR * 2 ** (4 * p - 3), 4)
-    return round(SMALL_LR * (batch / SMALL) ** p, 4)
+    factor = 2 ** (4 * p - 3) if batch == SMALL else (batch / SMALL) ** p
+    lr = round(SMALL_LR * factor, 4)
+    return lr * LR_SCALE[variant] if variant in LR_SCALE else lr
 
 
 def lr_grid(batch: int) -> list[float]:
@@ -121,7 +127,7 @@ def tuned(batch: int, seed: int = 0, variant: str = "") -> list[Run]:
     if seed:
         best = best_run(batch, variant)
         return [replace(best, seed=seed)] if best else []
-    run_at = lambda p: Run(batch, lr_at(batch, p), variant=variant)  # noqa: E731
+    run_at = lambda p: Run(batch, lr_at(batch, p, variant), variant=variant)  # noqa: E731
     ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25, 1.5) if results_of(run_at(p))]
     while True:
         ps = sorted(set(ps))
@@ -159,6 +165,7 @@ def plan() -> list[Run]:
     for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
         runs += tuned(b)
     runs += [Run(3072, lr, variant=v) for v in ("ls", "nesterov") for lr in lr_grid(3072)[:2]]
+    runs += tuned(3072, variant="lamb")  # LAMB, to see whether it earns its place beside LARS
     return list(dict.fromkeys(runs))
 
 

@@ -84,7 +84,9 @@ class DataConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    name: Literal["sgd", "lars"] = "sgd"
+    name: Literal["sgd", "lars", "lamb"] = "sgd"
+    """sgd (with momentum), lars (You et al. 2017) or lamb (You et al. 2019: Adam's update
+    with the trust ratio; `momentum` and `nesterov` do not apply, lamb_beta1/2 do)."""
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-5
@@ -92,6 +94,9 @@ class OptimConfig:
     """No weight decay on BatchNorm parameters and biases (chosen by module type)."""
     lars_trust: float = 0.001
     lars_eps: float = 1e-9
+    lamb_beta1: float = 0.9
+    lamb_beta2: float = 0.999
+    lamb_eps: float = 1e-6
     label_smoothing: float = 0.0
 
 

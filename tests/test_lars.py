@@ -5,6 +5,7 @@ from largebatch.config import OptimConfig
 from largebatch.models import build_model
 from largebatch.config import ModelConfig
 from largebatch.optim import apply_schedule, build_optimizer, param_groups
+from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
 
 
@@ -57,3 +58,41 @@ def test_apply_schedule_keeps_excluded_group_at_zero_wd():
     apply_schedule(opt, lr=0.3, weight_decay=2e-4)
     assert [(g["lr"], g["weight_decay"], g["adapt"]) for g in opt.param_groups] == \
         [(0.3, 2e-4, True), (0.3, 0.0, False)]
+
+
+def test_lamb_step_matches_formula():
+    """Adam's bias-corrected update plus weight decay, scaled to ||w|| / ||update|| on
+    adapted tensors; BN and biases (adapt=False) take the plain Adam step."""
+    w0, b0 = torch.tensor([3.0, 4.0]), torch.tensor([1.0, -1.0])
+    w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = LAMB([{"params": [w], "adapt": True, "weight_decay": 0.01}, {"params": [b], "adapt": False}],
+               lr=0.1, betas=(0.9, 0.99), eps=1e-6)
+    grads = [torch.tensor([0.6, 0.8]), torch.tensor([-0.3, 0.1])]
+    m = v = torch.zeros(2)
+    want_w, want_b = w0.clone(), b0.clone()
+    mb = vb = torch.zeros(2)
+    for t, g in enumerate(grads, start=1):
+        w.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        m, v = 0.9 * m + 0.1 * g, 0.99 * v + 0.01 * g * g
+        u = (m / (1 - 0.9 ** t)) / ((v / (1 - 0.99 ** t)).sqrt() + 1e-6) + 0.01 * want_w
+        want_w = want_w - 0.1 * (want_w.norm() / u.norm()) * u
+        mb, vb = 0.9 * mb + 0.1 * g, 0.99 * vb + 0.01 * g * g
+        want_b = want_b - 0.1 * (mb / (1 - 0.9 ** t)) / ((vb / (1 - 0.99 ** t)).sqrt() + 1e-6)
+        torch.testing.assert_close(w.detach(), want_w)
+        torch.testing.assert_close(b.detach(), want_b)
+    # every adapted step moves the weights by lr times their norm
+    assert (w0 - w.detach()).norm() > 0
+
+
+def test_lamb_from_config_and_resume_state():
+    model = build_model(ModelConfig(name="resnet8", bn_group_size=0), 1, 10)
+    opt = build_optimizer(model, OptimConfig(exclude_bn_bias_from_wd=True, name="lamb", lamb_beta2=0.98))
+    assert isinstance(opt, LAMB) and opt.param_groups[0]["betas"] == (0.9, 0.98)
+    apply_schedule(opt, lr=0.01, weight_decay=1e-4)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    opt.step()
+    again = build_optimizer(model, OptimConfig(exclude_bn_bias_from_wd=True, name="lamb", lamb_beta2=0.98))
+    again.load_state_dict(opt.state_dict())  # what a checkpoint carries
+    p = next(model.parameters())
+    assert again.state[p]["step"].item() == 1 and torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..config import OptimConfig
+from .lamb import LAMB
 from .lars import LARS
 
 
@@ -34,6 +35,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.name == "lars":
         optimizer = LARS(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov,
                          trust=cfg.lars_trust, eps=cfg.lars_eps)
+    elif cfg.name == "lamb":
+        optimizer = LAMB(groups, lr=0.0, betas=(cfg.lamb_beta1, cfg.lamb_beta2), eps=cfg.lamb_eps)
     else:
         optimizer = torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, nesterov=cfg.nesterov)
     apply_schedule(optimizer, 0.0, cfg.weight_decay)
