@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -299,9 +300,9 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path) -> None:
 def report(runs: list[Run], doc: Path) -> None:
     done = [(r, res) for r in runs if (res := results_of(r))]
     missing = [r for r in runs if not results_of(r)]
-    by_batch: dict[int, list] = {}  # the study recipe only; variants get their own table
+    by_batch: dict[int, list] = {}  # the study recipe's LR searches (seed 0); variants get their own table
     for r, res in done:
-        if not r.variant:
+        if not r.variant and r.seed == 0:
             by_batch.setdefault(r.batch, []).append((r, res))
     best = {b: max(v, key=lambda rv: rv[1]["summary"]["top1"]) for b, v in by_batch.items()}
     base = best.get(SMALL)
@@ -317,10 +318,10 @@ def report(runs: list[Run], doc: Path) -> None:
              f"Progress: {len(done)} of {len(runs)} planned runs finished; the study continues where it "
              f"stopped (`python experiments/critical_batch.py`).", "",
              "## Every finished run", "",
-             "| global batch | variant | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
+             "| global batch | variant | seed | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
              "steps to 91 % | B_simple at 90 % | B_simple, last logged | CPU | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr)):
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr, rv[0].seed)):
         s, ev = res["summary"], res["evals"]
         metrics = [json.loads(x) for x in (RESULTS / r.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
         cpu = json.loads((RESULTS / r.name / "run.json").read_text()).get("cpu", "?")
@@ -328,7 +329,7 @@ def report(runs: list[Run], doc: Path) -> None:
         n90 = noise_at(metrics, t90) if t90 is not None else None
         top1 = "diverged" if s.get("diverged") else f"{100 * s['top1']:.2f}"
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {top1} | "
+        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.seed} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {top1} | "
                      f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
@@ -337,16 +338,24 @@ def report(runs: list[Run], doc: Path) -> None:
         fewest = fewest_steps(by_batch)
         lines += [f"Baseline: batch {SMALL}, LR {base[0].lr:g}: {100 * b0:.2f} %. Steps to 90 % are the fewest over "
                   f"the LRs tried at each batch (with that LR), as Shallue et al. tune for steps to target.", "",
-                  "| global batch | ImageNet batch it maps to | best peak LR | test top-1 (%) | vs baseline (points) | "
+                  "| global batch | ImageNet batch it maps to | best peak LR (seed 0) | test top-1 (%), seed 0 | "
+                  "vs baseline (points) | mean over seeds at that LR (seeds) | mean vs baseline mean | "
                   "fewest steps to 90 % (LR) | perfect scaling from the baseline | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         t_base = fewest.get(SMALL, (None, None))[0]
+
+        def over_seeds(run: Run) -> list[float]:
+            return [res["summary"]["top1"] for q, res in done if replace(q, seed=0) == replace(run, seed=0)]
+        m0 = statistics.fmean(over_seeds(base[0]))
         for b in sorted(best):
             r, res = best[b]
             t, lr_t = fewest[b]
             ideal = t_base * SMALL / b if t_base else None
+            seeds = over_seeds(r)
             lines.append(f"| {b} | {round(b * IMAGENET / FMNIST):,} | {r.lr:g} | {100 * res['summary']['top1']:.2f} | "
                          f"{100 * (res['summary']['top1'] - b0):+.2f} | "
+                         f"{100 * statistics.fmean(seeds):.2f} ({len(seeds)}) | "
+                         f"{100 * (statistics.fmean(seeds) - m0):+.2f} | "
                          f"{f'{t} ({lr_t:g})' if t is not None else 'not reached'} | "
                          f"{f'{ideal:.0f}' if ideal else '—'} | {f'{t / ideal:.2f}' if t and ideal else '—'} |")
         knee = knee_fit(fewest)
