@@ -291,13 +291,10 @@ def cmd_plan(args) -> None:
                   f"{r['time_to_train_seconds'] / 60:>11.1f} min" +
                   (f" {r['epochs_to_target']:>7.1f} {r['time_to_target_seconds'] / 60:>8.1f} min" if stats else ""))
         if stats:
-            best = min(rs, key=lambda r: r["time_to_target_seconds"])
+            best = plan.fastest_to_target(rs)
             print(f"  fastest to the target: {best['nodes']} nodes, global batch {best['global_batch']}, "
                   f"{best['epochs_to_target']:.1f} epochs, {best['time_to_target_seconds'] / 60:.1f} min")
-            # Past B_noise the epochs double: the point of diminishing returns (McCandlish's B_crit).
-            worth = [r for r in rs if r["efficiency"] * args.epochs / r["epochs_to_target"] >= 0.5]
-            if worth:
-                r = worth[-1]
+            if r := plan.worth_its_nodes(rs, args.epochs):
                 print(f"  worth its nodes (scaling x epochs efficiency >= 0.5) up to {r['nodes']} nodes, "
                       f"global batch {r['global_batch']}: {r['time_to_target_seconds'] / 60:.1f} min")
     result = {"assumptions": plan.__doc__, "gradient_bytes": grad, "compute": vars(compute), "network": vars(net),

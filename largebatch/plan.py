@@ -164,6 +164,19 @@ def rows_for(compute: Compute, net: Network, grad_bytes: float, nodes: list[int]
     return out
 
 
+def fastest_to_target(rows: list[dict]) -> dict:
+    """The row that reaches the target soonest (rows predicted with a noise scale)."""
+    return min(rows, key=lambda r: r["time_to_target_seconds"])
+
+
+def worth_its_nodes(rows: list[dict], epochs: float) -> dict | None:
+    """The last row whose scaling efficiency times epochs efficiency (the reference
+    batch's epochs over this batch's) stays at or above 0.5: past B_noise the epochs
+    double, McCandlish's point of diminishing returns."""
+    worth = [r for r in rows if r["efficiency"] * epochs / r["epochs_to_target"] >= 0.5]
+    return worth[-1] if worth else None
+
+
 def nodes_for_deadline(compute: Compute, net: Network, grad_bytes: float, ppn: int, batch_per_proc: float,
                        epochs: float, dataset: int, seconds: float, algorithm: str, bucket_mb: float,
                        max_nodes: int = 100_000, stats: Statistics | None = None) -> dict | None:

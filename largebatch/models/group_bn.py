@@ -40,10 +40,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             y, mean, var = sync_batch_norm(x, self.weight, self.bias, self.eps)
             # Every process holds the same statistics; commit_running_stats averages
             # them over processes, which leaves them unchanged.
-            with torch.no_grad():
-                self.stat_sum[0] += mean.double()
-                self.stat_sum[1] += var.double()
-                self.stat_count += 1
+            self._add_stats(mean.view(1, c), var.view(1, c))
             return y
         g = self.group_size or n
         if n % g != 0:
@@ -64,11 +61,15 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             yg = F.batch_norm(xg, mean, var, self.weight.repeat(k), self.bias.repeat(k),
                               True, 1.0, self.eps)
             y = yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-        with torch.no_grad():
-            self.stat_sum[0] += mean.view(k, c).double().sum(0)
-            self.stat_sum[1] += var.view(k, c).double().sum(0)
-            self.stat_count += k
+        self._add_stats(mean.view(k, c), var.view(k, c))
         return y
+
+    @torch.no_grad()
+    def _add_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Add k groups' statistics, (k, c) each (the variance unbiased), to the step's sums."""
+        self.stat_sum[0] += mean.double().sum(0)
+        self.stat_sum[1] += var.double().sum(0)
+        self.stat_count += mean.shape[0]
 
     def _fusable(self, x: torch.Tensor, k: int, g: int) -> torch.Tensor:
         """The same normalisation written as reductions and pointwise operations, which
@@ -81,10 +82,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1)
         y = ((xf - mean) * scale + self.bias.view(1, 1, c, 1)).to(x.dtype).reshape(x.shape)
         m = g * xf.shape[3]  # the running variance is unbiased, as the native kernel's
-        with torch.no_grad():
-            self.stat_sum[0] += mean.view(k, c).double().sum(0)
-            self.stat_sum[1] += var.view(k, c).double().sum(0) * (m / (m - 1))
-            self.stat_count += k
+        self._add_stats(mean.view(k, c), var.view(k, c).double() * (m / (m - 1)))
         return y
 
 
