@@ -20,7 +20,8 @@ bf16, no augmentation, wd 5e-4 off BN and biases, BN over groups of 32 samples) 
 zero-gamma off, SGD momentum 0.9, cosine decay to zero over the budget, linear warmup
 from LR 0 that grows with the batch. The LR grid runs from the square-root rule past the
 linear rule from the batch-128 LR 0.1: lr(B) = 0.1 * (B / 128) ** p, starting at
-p in {0.75, 1} and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
+p in {0.75, 1} (a batch started later: at the nearest searched batch's best p and the
+quarter below) and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
 batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that diverges is
 kept as a result (0 %, with the reason) and the search moves away from it.
 """
@@ -121,15 +122,39 @@ def lr_grid(batch: int) -> list[float]:
     return [lr_at(batch, p) for p in (0.5, 0.75, 1.0)]
 
 
+P_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def first_points(batch: int, variant: str) -> list[float]:
+    """Where a batch's search starts. The first batches started at p = 0.75 and 1; their
+    best lay one or two quarters higher, costing a run or two each to walk there. A batch
+    not yet started now begins at the best p of the nearest batch (in log2, other than the
+    baseline, whose p means something else) whose search has runs, and the quarter below
+    it (larger batches want smaller exponents)."""
+    started = lambda b: [p for p in P_GRID if results_of(Run(b, lr_at(b, p, variant), variant=variant))]  # noqa: E731
+    if started(batch):
+        return [0.75, 1.0]
+    others = {int(d.name[1:].split("-")[0]) for d in RESULTS.glob("b*-s0")
+              if d.name.split("-")[2:-2] == ([variant] if variant else [])}
+    others = [b for b in others if b not in (batch, SMALL) and started(b)]  # 128's p counts doublings
+    if not others:
+        return [0.75, 1.0]
+    near = min(others, key=lambda b: (abs(math.log2(b / batch)), b))
+    best = best_run(near, variant)
+    p = next(p for p in P_GRID if lr_at(near, p, variant) == best.lr)
+    return [q for q in (p - 0.25, p) if q >= P_GRID[0]]
+
+
 def tuned(batch: int, seed: int = 0, variant: str = "") -> list[Run]:
-    """The LR search for one batch (and variant), grown from what has finished: p = 0.75
-    and 1, then one more quarter in the better direction while the best is at an edge of
-    what has been tried (p from 0.25 to 1.5). Seeds other than 0 rerun the best LR of seed 0."""
+    """The LR search for one batch (and variant), grown from what has finished: two first
+    points (first_points), then one more quarter in the better direction while the best
+    is at an edge of what has been tried (p from 0.25 to 1.5). Seeds other than 0 rerun
+    the best LR of seed 0."""
     if seed:
         best = best_run(batch, variant)
         return [replace(best, seed=seed)] if best else []
     run_at = lambda p: Run(batch, lr_at(batch, p, variant), variant=variant)  # noqa: E731
-    ps = [0.75, 1.0] + [p for p in (0.5, 0.25, 1.25, 1.5) if results_of(run_at(p))]
+    ps = first_points(batch, variant) + [p for p in P_GRID if results_of(run_at(p))]
     while True:
         ps = sorted(set(ps))
         top1 = {p: res["summary"]["top1"] for p in ps if (res := results_of(run_at(p)))}
@@ -162,7 +187,7 @@ def plan() -> list[Run]:
     for b in (SMALL, 672, 1536):
         runs += tuned(b, seed=1)
     runs += tuned(3072, seed=1, variant="lars")  # at 3,072 the second seed goes to the better optimizer
-    runs += [Run(768, lr, variant="grow3072") for lr in lr_grid(768)[:2]]
+    runs += tuned(768, variant="grow3072")  # searched like a batch of its own, from its first batch
     for b in (1024, 256, 4096, 512, 2048, 8192, 16384):
         runs += tuned(b)
     runs += [Run(3072, lr, variant=v) for v in ("ls", "nesterov") for lr in lr_grid(3072)[:2]]
