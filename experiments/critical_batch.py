@@ -247,19 +247,35 @@ def noise_at(lines: list[dict], step: int | None) -> float | None:
     return logged[-1]["noise_scale"] if logged else None
 
 
-def fewest_steps(by_batch: dict) -> dict:
-    """Per batch, the fewest steps to the first target over the LRs tried, and that LR
+def fewest_steps(by_batch: dict, target: float = TARGETS[0]) -> dict:
+    """Per batch, the fewest steps to `target` over the LRs tried, and that LR
     (Shallue et al. tune the metaparameters per batch for steps to target; the LR with the
     best final accuracy is not always the fastest to the target)."""
     out = {}
     for b, runs in by_batch.items():
-        reached = [(t, r.lr) for r, res in runs if (t := steps_to(res["evals"], TARGETS[0])) is not None]
+        reached = [(t, r.lr) for r, res in runs if (t := steps_to(res["evals"], target)) is not None]
         out[b] = min(reached) if reached else (None, None)
     return out
 
 
 def knee_fit(fewest: dict) -> tuple[float, float] | None:
     return fit_knee([(b, t) for b, (t, _) in fewest.items() if t is not None])
+
+
+def noise_at_target(by_batch: dict, target: float) -> list[float]:
+    """B_simple as logged where each run of the LR searches first reaches `target`: what
+    the tool would have told a user of that run about the batch the problem can take."""
+    out = []
+    for runs in by_batch.values():
+        for r, res in runs:
+            t = steps_to(res["evals"], target)
+            if t is not None and (n := noise_at(metrics_of(r), t)) is not None:
+                out.append(n)
+    return out
+
+
+def metrics_of(run: Run) -> list[dict]:
+    return [json.loads(x) for x in (RESULTS / run.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
 def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
@@ -348,7 +364,7 @@ def report(runs: list[Run], doc: Path) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr, rv[0].seed)):
         s, ev = res["summary"], res["evals"]
-        metrics = [json.loads(x) for x in (RESULTS / r.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        metrics = metrics_of(r)
         cpu = json.loads((RESULTS / r.name / "run.json").read_text()).get("cpu", "?")
         t90, t91 = steps_to(ev, TARGETS[0]), steps_to(ev, TARGETS[1])
         n90 = noise_at(metrics, t90) if t90 is not None else None
@@ -383,18 +399,42 @@ def report(runs: list[Run], doc: Path) -> None:
                          f"{100 * (statistics.fmean(seeds) - m0):+.2f} | "
                          f"{f'{t} ({lr_t:g})' if t is not None else 'not reached'} | "
                          f"{f'{ideal:.0f}' if ideal else '—'} | {f'{t / ideal:.2f}' if t and ideal else '—'} |")
+        lines += ["", f"## Accuracy at the {EPOCHS}-epoch budget: plain linear scaling against the best recipe tried", "",
+                  f"Plain linear scaling: SGD at LR {SMALL_LR:g} x B / {SMALL} (Goyal et al.'s rule from the "
+                  f"baseline's first LR), the study's warmup. Best recipe: the best seed-0 run at the batch over "
+                  f"every LR and variant tried.", "",
+                  "| global batch | linear rule LR | its test top-1 (%) | best recipe | its test top-1 (%) | "
+                  "best vs baseline (points) |", "|---|---|---|---|---|---|"]
+        for b in sorted(best):
+            linear = Run(b, round(SMALL_LR * b / SMALL, 4))
+            lin = results_of(linear)
+            cands = [(r, res) for r, res in done if r.batch == b and r.seed == 0 and not r.variant.startswith("grow")]
+            r, res = max(cands, key=lambda rv: rv[1]["summary"]["top1"])
+            lin_top1 = f"{100 * lin['summary']['top1']:.2f}" if lin else "not run"
+            lines.append(f"| {b} | {linear.lr:g} | {lin_top1} | "
+                         f"{r.variant or 'SGD'}, LR {r.lr:g} | {100 * res['summary']['top1']:.2f} | "
+                         f"{100 * (res['summary']['top1'] - b0):+.2f} |")
         knee = knee_fit(fewest)
         plot(best, by_batch, fewest, knee, doc.parent / "critical_batch.png")
         lines += ["", "![steps to target, accuracy and noise scale against the batch](critical_batch.png)"]
     else:
         knee = None
-    lines += ["", "## The critical batch", ""]
-    if knee:
-        lines.append(f"Fit of S(B) = S_min (1 + B_crit / B) to the steps to 90 %: S_min = {knee[0]:.0f} steps, "
-                     f"B_crit = {knee[1]:.0f}.")
-    else:
-        lines.append("Not enough batches have reached the target yet for a fit of S(B) = S_min (1 + B_crit / B) "
-                     "(three are needed).")
+    lines += ["", "## The critical batch against the noise scale", "",
+              "Per target: the fit of S(B) = S_min (1 + B_crit / B) to the fewest steps per batch (three "
+              "batches needed), and B_simple as logged where the LR searches' runs first reach the target "
+              "(median and range over those runs). The study's target: the median within 2x of B_crit.", "",
+              "| target | batches in the fit | S_min (steps) | B_crit | B_simple at the target: median (range, runs) "
+              "| B_crit / median B_simple |", "|---|---|---|---|---|---|"]
+    for target in TARGETS:
+        per = fewest_steps(by_batch, target)
+        fit = knee_fit(per)
+        noise = noise_at_target(by_batch, target)
+        med = statistics.median(noise) if noise else None
+        n_fit = sum(t is not None for t, _ in per.values())
+        lines.append(f"| {100 * target:g} % | {n_fit} | {f'{fit[0]:.0f}' if fit else '—'} | "
+                     f"{f'{fit[1]:.0f}' if fit else '—'} | "
+                     f"{f'{med:.0f} ({min(noise):.0f}-{max(noise):.0f}, {len(noise)})' if noise else '—'} | "
+                     f"{f'{fit[1] / med:.1f}' if fit and med else '—'} |")
     variants = [(r, res) for r, res in done if r.variant]
     if variants:
         lines += ["", "## Recipe variants and batch-size control", "",
