@@ -274,6 +274,34 @@ def noise_at_target(by_batch: dict, target: float) -> list[float]:
     return out
 
 
+def late_noise(run: Run, decay: float = 0.9) -> float | None:
+    """B_simple over the second half of a run (the value `largebatch plan` reads), rebuilt
+    from its log lines for runs that finished before summary.json carried it: each line
+    holds the bias-corrected moving averages, which give back every window's estimate
+    exactly. Checked against the run mean in summary.json; None where they disagree."""
+    summary = json.loads((RESULTS / run.name / "summary.json").read_text())
+    if summary.get("noise_scale_late"):
+        return summary["noise_scale_late"]
+    lines = [x for x in metrics_of(run) if x.get("grad_sq") is not None and not x.get("eval")]
+    prev_g = prev_s = sum_g = sum_s = late_g = late_s = 0.0
+    for t, x in enumerate(lines, 1):
+        g, s = x["grad_sq"] * (1 - decay ** t), x["trace_cov"] * (1 - decay ** t)
+        e_g, e_s = (g - decay * prev_g) / (1 - decay), (s - decay * prev_s) / (1 - decay)
+        prev_g, prev_s = g, s
+        sum_g, sum_s = sum_g + e_g, sum_s + e_s
+        if 2 * x["step"] > summary["steps"]:
+            late_g, late_s = late_g + e_g, late_s + e_s
+    mean = summary.get("noise_scale")
+    if not mean or sum_g <= 0 or abs(sum_s / sum_g / mean - 1) > 1e-6 or late_g <= 0:
+        return None
+    return late_s / late_g
+
+
+def predicted_ratio(batch: int, noise: float) -> float:
+    """`largebatch plan`'s epochs at `batch` over the baseline's: E(B) = E_min (1 + B / B_noise)."""
+    return (1 + batch / noise) / (1 + SMALL / noise)
+
+
 def metrics_of(run: Run) -> list[dict]:
     return [json.loads(x) for x in (RESULTS / run.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
@@ -336,6 +364,41 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def prediction_table(done: list, base: Run) -> list[str]:
+    """What `largebatch plan --noise-scale` would have told a user from the baseline's
+    runs, against the epochs the study's runs took to each target (the fewest over every
+    LR and recipe tried at the batch, seed 0)."""
+    seeds = [r for r, _ in done if replace(r, seed=0) == base]
+    means = [results_of(r)["summary"]["noise_scale"] for r in seeds]
+    lates = [v for r in seeds if (v := late_noise(r)) is not None]
+    if not means or not lates:
+        return []
+    mean, late = statistics.fmean(means), statistics.fmean(lates)
+    fewest = {}
+    for target in TARGETS:
+        for r, res in done:
+            if r.seed == 0 and not r.variant.startswith("grow"):
+                t = steps_to(res["evals"], target)
+                if t is not None and t < fewest.get((r.batch, target), math.inf):
+                    fewest[r.batch, target] = t
+    lines = ["", "## What the tool predicts", "",
+             f"`largebatch plan --noise-scale RUN` turns a run's noise scale into epochs per batch, E(B) = E_min "
+             f"(1 + B / B_noise). From the baseline's runs (batch {SMALL}, LR {base.lr:g}, {len(seeds)} seeds): "
+             f"B_simple over the whole run {mean:.0f}, over its second half {late:.0f} (what `plan` reads). "
+             f"Epochs to the target at each batch over the baseline's, predicted and as the runs took them "
+             f"(the fewest over every LR and recipe tried, seed 0).", "",
+             "| global batch | predicted from the run mean | predicted from the second half | "
+             + " | ".join(f"runs, to {100 * t:g} %" for t in TARGETS) + " |",
+             "|---|---|---|" + "---|" * len(TARGETS)]
+    for b in sorted({b for b, _ in fewest} - {SMALL}):
+        took = []
+        for target in TARGETS:
+            t, t0 = fewest.get((b, target)), fewest.get((SMALL, target))
+            took.append(f"{t * b / (t0 * SMALL):.2f}" if t and t0 else "not reached")
+        lines.append(f"| {b} | {predicted_ratio(b, mean):.2f} | {predicted_ratio(b, late):.2f} | " + " | ".join(took) + " |")
+    return lines
 
 
 def report(runs: list[Run], doc: Path) -> None:
@@ -435,6 +498,8 @@ def report(runs: list[Run], doc: Path) -> None:
                      f"{f'{fit[1]:.0f}' if fit else '—'} | "
                      f"{f'{med:.0f} ({min(noise):.0f}-{max(noise):.0f}, {len(noise)})' if noise else '—'} | "
                      f"{f'{fit[1] / med:.1f}' if fit and med else '—'} |")
+    if base:
+        lines += prediction_table(done, base[0])
     variants = [(r, res) for r, res in done if r.variant]
     if variants:
         lines += ["", "## Recipe variants and batch-size control", "",

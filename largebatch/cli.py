@@ -240,7 +240,8 @@ def _plan_inputs(args):
 
 def _plan_statistics(args):
     """--noise-scale: a number, or a run directory whose summary.json measured one (its
-    last value, else its run mean); --reference-batch: where --epochs reach the target
+    mean over the run's second half, else its run mean; the last smoothed value is
+    the least steady of the three); --reference-batch: where --epochs reach the target
     (default: that run's global batch)."""
     from . import plan
     if args.noise_scale is None:
@@ -254,7 +255,7 @@ def _plan_statistics(args):
             raise ConfigError(f"plan: --noise-scale {args.noise_scale}: neither a number nor a run directory "
                               f"with a summary.json")
         summary = json.loads(path.read_text())
-        value = summary.get("noise_scale_final") or summary.get("noise_scale")
+        value = summary.get("noise_scale_late") or summary.get("noise_scale")
         if not value or value <= 0:
             raise ConfigError(f"plan: {path} has no gradient noise scale ({summary.get('noise_scale_note', 'none')})")
         reference = reference or summary.get("global_batch")

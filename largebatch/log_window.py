@@ -38,8 +38,9 @@ class LogWindow:
         self.paused += seconds
         self.t0 += seconds
 
-    def close(self, layout: Layout) -> dict:
-        """The window's log fields (the same on every process); starts the next window."""
+    def close(self, layout: Layout, late: bool = False) -> dict:
+        """The window's log fields (the same on every process); starts the next window.
+        `late`: the window lies in the run's second half (for the noise scale's late mean)."""
         now = time.perf_counter()
         loss, small, big, measured = dist.all_reduce_sum(self.sums).tolist()
         seconds = now - self.t0
@@ -49,6 +50,6 @@ class LogWindow:
                   "comm_exposed_seconds": self.comm_exposed / self.steps}
         pair = batches(layout.world_size, layout.accum_steps, layout.micro_batch)
         if self.noise is not None and measured and pair:
-            record.update(self.noise.update(small / measured, big / measured, *pair))
+            record.update(self.noise.update(small / measured, big / measured, *pair, late=late))
         self._reset(now)
         return record

@@ -13,6 +13,12 @@ and B_simple = tr(Sigma) / |G|^2, the batch at which a step is about half as use
 one with the true gradient. Both estimates are noisy, so each is averaged (an
 exponential moving average over log windows, with bias correction) before the ratio.
 
+B_simple grows as the loss falls (by an order of magnitude over a run), so a run reports
+three values: the smoothed one of each log line, the run mean (sums over every window,
+dominated by the early ones), and the mean over the second half of the run, the part
+that sets how many steps the last points of accuracy take; `largebatch plan` uses that
+one (docs/RESULTS.md compares both with the steps the runs took).
+
 Data-parallel training already computes both norms: each process's gradient before the
 all-reduce (B_small = the process's share of the batch) and the global mean after it
 (B_big = the global batch). With one process, the first micro-batch's gradient stands in
@@ -51,9 +57,11 @@ class NoiseScale:
         self.batches: tuple[int, int] | None = None  # of the last window
         self._g = self._s = self._weight = 0.0
         self._sum_g = self._sum_s = 0.0
+        self._late_g = self._late_s = 0.0  # the windows of the run's second half
 
-    def update(self, small_sq: float, big_sq: float, b_small: int, b_big: int) -> dict:
-        """One log window's mean |G_small|^2 and |G_big|^2; returns the smoothed values."""
+    def update(self, small_sq: float, big_sq: float, b_small: int, b_big: int, late: bool = False) -> dict:
+        """One log window's mean |G_small|^2 and |G_big|^2 (`late`: the window lies in the
+        run's second half); returns the smoothed values."""
         if not 0 < b_small < b_big:
             raise ValueError(f"need 0 < b_small < b_big, got {b_small}, {b_big}")
         e = two_batch(small_sq, big_sq, b_small, b_big)
@@ -63,6 +71,9 @@ class NoiseScale:
         self._weight = d * self._weight + (1 - d)
         self._sum_g += e.grad_sq
         self._sum_s += e.trace_cov
+        if late:
+            self._late_g += e.grad_sq
+            self._late_s += e.trace_cov
         self.batches = (b_small, b_big)
         return self.current()
 
@@ -77,8 +88,13 @@ class NoiseScale:
         """B_simple from the whole run's averages (what summary.json reports)."""
         return Estimate(self._sum_g, self._sum_s).noise_scale if self._weight else None
 
+    def late_mean(self) -> float | None:
+        """B_simple from the averages over the second half of the run."""
+        return Estimate(self._late_g, self._late_s).noise_scale
+
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s", "batches")}
+        return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s", "_late_g", "_late_s",
+                                              "batches")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
@@ -101,5 +117,6 @@ def summary(noise: NoiseScale | None) -> dict:
     if not last:
         return {"noise_scale": None, "noise_scale_note": "not measured: one process without accumulation has one "
                 "batch size only (set train.micro_batch below the global batch to measure it)"}
-    return {"noise_scale": noise.run_mean(), "noise_scale_final": last["noise_scale"],
+    return {"noise_scale": noise.run_mean(), "noise_scale_late": noise.late_mean(),
+            "noise_scale_final": last["noise_scale"],
             "grad_sq": last["grad_sq"], "trace_cov": last["trace_cov"], "noise_batches": last["noise_batches"]}

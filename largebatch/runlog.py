@@ -120,8 +120,9 @@ def summary_table(summary: dict) -> str:
             ("wall time", f"{summary['wall_seconds']:.1f} s")]
     if summary.get("noise_scale") is not None:
         # B_simple: far above it, a larger batch buys few fewer steps (docs/RESULTS.md).
-        final = summary.get("noise_scale_final")
+        late, final = summary.get("noise_scale_late"), summary.get("noise_scale_final")
         rows.append(("gradient noise scale", f"{summary['noise_scale']:.0f} (run mean)"
+                     + (f", {late:.0f} over the second half" if late is not None else "")
                      + (f", {final:.0f} at the end" if final is not None else "")))
     if "ensemble_top1" in summary:
         rows.insert(2, (f"ensemble of {len(summary['snapshots'])} top-1", f"{summary['ensemble_top1'] * 100:.2f} %"))

@@ -380,7 +380,7 @@ class Loop:
         self.window.pause(time.perf_counter() - pause_t0)
 
     def log_line(self, done: int, epoch: float, lr: float) -> None:
-        record = self.window.close(self.run.layout)
+        record = self.window.close(self.run.layout, late=2 * done > self.run.total_steps)
         if not math.isfinite(record["loss"]):
             self.log.write(step=done, epoch=epoch, lr=lr, diverged=f"loss {record['loss']}")
             check_finite(self.run, done, record["loss"])

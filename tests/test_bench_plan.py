@@ -117,7 +117,7 @@ def test_a_noise_scale_makes_the_epochs_grow_with_the_batch():
 def test_plan_cli_reads_the_noise_scale_of_a_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"noise_scale": 900.0, "noise_scale_final": 1200.0,
+    (run / "summary.json").write_text(json.dumps({"noise_scale": 900.0, "noise_scale_late": 1200.0, "noise_scale_final": 5000.0,
                                                   "global_batch": 128}))
     out = tmp_path / "plan.json"
     shown = run_cli("plan", "--node-images-per-sec", "1000", "--interconnect", "ethernet-100", "--batch-per-proc", "128",

@@ -70,6 +70,20 @@ def test_measured_in_the_step_under_accumulation(exact):
     assert noise.run_mean() == pytest.approx(tr / g2, rel=0.1)
 
 
+def test_the_late_mean_reads_only_the_second_half():
+    """B_simple grows as the loss falls: the late mean is the ratio of the second half's
+    sums alone, the run mean that of every window's."""
+    noise = NoiseScale()
+    norms = lambda g2, tr: (g2 + tr / 16, g2 + tr / 64)  # noqa: E731  E|G_B|^2 at B = 16 and 64
+    for _ in range(5):
+        noise.update(*norms(1.0, 100.0), 16, 64)
+    assert noise.late_mean() is None
+    for _ in range(5):
+        noise.update(*norms(0.1, 100.0), 16, 64, late=True)
+    assert noise.late_mean() == pytest.approx(1000.0)
+    assert noise.run_mean() == pytest.approx(1000.0 / 5.5)
+
+
 def test_layouts_and_their_batch_sizes():
     assert batches(4, 2, 32) == (64, 256)    # several processes: each one's share
     assert batches(1, 4, 32) == (32, 128)    # one process: the first micro-batch
@@ -88,11 +102,14 @@ def test_every_run_reports_it(tmp_path, fmnist_dir, capsys):
     assert all(l["noise_batches"] == [16, 64] and l["noise_scale"] > 0 and l["trace_cov"] > 0 for l in logged)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["noise_scale"] > 0 and summary["noise_batches"] == [16, 64]
-    assert re.search(rf"gradient noise scale +{summary['noise_scale']:.0f} \(run mean\)", printed)
+    assert summary["noise_scale_late"] > 0
+    assert re.search(rf"gradient noise scale +{summary['noise_scale']:.0f} \(run mean\), "
+                     rf"{summary['noise_scale_late']:.0f} over the second half", printed)
     # resumed at its end (a job requeued after its last step): the estimate comes back whole
     cli_main(["train", *TINY, "--micro-batch", "16", "--steps", "6", "--out", str(out), "--resume"])
     again = json.loads((out / "summary.json").read_text())
     assert again["noise_scale"] == summary["noise_scale"] and again["noise_batches"] == [16, 64]
+    assert again["noise_scale_late"] == summary["noise_scale_late"]
     capsys.readouterr()
     out = tmp_path / "plain"
     cli_main(["train", *TINY, "--micro-batch", "64", "--steps", "2", "--out", str(out)])
