@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from . import autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
 from .config import Config, ConfigError, dump_yaml, to_dict
-from .errors import Diverged
+from .errors import Diverged, UserError
 from .rundir import RunLock, open_run_dir
 from .data import build_dataset, data_channels, data_image_size, default_workers, make_loader, model_input, shards
 from .data.sampler import GlobalBatchSampler
@@ -30,7 +30,14 @@ from .runlog import MetricsLog, environment, summary_table, write_json, write_te
 
 
 def pick_device(info: dist.DistInfo) -> torch.device:
+    """One GPU per process where there are GPUs, else the CPU."""
     if torch.cuda.is_available():
+        if info.local_world_size > torch.cuda.device_count():
+            # NCCL refuses two ranks on one GPU, and only after every rank has started.
+            raise UserError(f"{info.local_world_size} processes on this host but {torch.cuda.device_count()} "
+                                 f"GPU(s): start one process per GPU (torchrun --nproc_per_node "
+                                 f"{torch.cuda.device_count()}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
+                                 f"train on the CPU")
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

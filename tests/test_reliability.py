@@ -382,3 +382,15 @@ def test_eval_batch_must_be_positive(tmp_path, capsys):
 def test_global_batch_smaller_than_the_processes_names_the_keys():
     with pytest.raises(ConfigError, match=r"global_batch \(1\) must be a multiple of the number of processes \(2\)"):
         resolve_layout(TrainConfig(global_batch=1), world_size=2, rank=0)
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    """NCCL would refuse two ranks on one GPU only once all of them had started; the
+    device choice says so first, with what to do."""
+    from largebatch.dist import DistInfo
+    from largebatch.errors import UserError
+    from largebatch.train import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"2 processes on this host but 1 GPU\(s\).*--nproc_per_node 1.*CUDA_VISIBLE"):
+        pick_device(DistInfo(rank=1, world_size=2, local_rank=1, local_world_size=2))
