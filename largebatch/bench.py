@@ -99,16 +99,23 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
             "alpha": fit_a / (2 * (w - 1)), "beta": fit_b / (2 * (w - 1) / w), "procs": w}
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """This process's rate of n x n matrix products in `dtype` (GFLOP/s, 2 n^3 per
-    product): the ceiling a training step is measured against."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), seconds: float = 1.0) -> float:
+    """This process's rate of n x n matrix products in `dtype` on `device` (GFLOP/s,
+    2 n^3 per product): the ceiling a training step is measured against. n is 2,048 on
+    a CPU and 8,192 on a GPU, which a smaller product leaves partly idle."""
+    from .train import synchronize
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     for _ in range(2):
         torch.mm(a, b)
-    count, t0 = 0, time.perf_counter()
+    count = 0
+    synchronize(device)
+    t0 = time.perf_counter()
     while count < 3 or time.perf_counter() - t0 < seconds:
-        torch.mm(a, b)
-        count += 1
+        for _ in range(10 if device.type == "cuda" else 1):  # queue enough work between clock reads
+            torch.mm(a, b)
+            count += 1
+        synchronize(device)
     return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
 
 
@@ -124,7 +131,7 @@ def step_flops(run, batches, loss_fn) -> float:
 
 
 def worker(spec: dict, out: Path) -> None:
-    from .train import StepPartTimer, setup, train_step
+    from .train import NO_TIMER, StepPartTimer, setup, synchronize, train_step
 
     procs = int(os.environ["WORLD_SIZE"])
     run = setup(bench_config(spec, procs), out.parent / "run")  # a scratch run directory beside the result
@@ -137,21 +144,29 @@ def worker(spec: dict, out: Path) -> None:
     flops_per_image = step_flops(run, batches, loss_fn) / images_per_proc
     run.sync.take_seconds()
     rates, parts = [], []
-    for _ in range(spec["repeats"]):
-        timer = StepPartTimer(run.device)
+    # On a GPU the part timer's synchronisations would keep the host from running ahead of
+    # the device: the rates come from untimed repeats, the parts from one more.
+    on_gpu = run.device.type == "cuda"
+    for repeat in range(spec["repeats"] + on_gpu):
+        parts_pass = not on_gpu or repeat == spec["repeats"]
+        timer = StepPartTimer(run.device) if parts_pass else NO_TIMER
         exposed = 0.0
         dist.barrier()
+        synchronize(run.device)
         t0 = time.perf_counter()
         for _ in range(spec["steps"]):
             train_step(run, batches, loss_fn, timer)
             exposed += run.sync.take_seconds()[1]
+        synchronize(run.device)
         elapsed = time.perf_counter() - t0
-        rates.append(spec["steps"] * run.layout.global_batch / elapsed)
-        per_step = {k: timer.seconds.get(k, 0.0) / spec["steps"] for k in PARTS}
-        per_step["comm_exposed"] = exposed / spec["steps"]
-        per_step["backward"] -= per_step["comm_exposed"]
-        per_step["step"] = elapsed / spec["steps"]
-        parts.append(per_step)
+        if repeat < spec["repeats"]:
+            rates.append(spec["steps"] * run.layout.global_batch / elapsed)
+        if parts_pass:
+            per_step = {k: timer.seconds.get(k, 0.0) / spec["steps"] for k in PARTS}
+            per_step["comm_exposed"] = exposed / spec["steps"]
+            per_step["backward"] -= per_step["comm_exposed"]
+            per_step["step"] = elapsed / spec["steps"]
+            parts.append(per_step)
     grad_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     result = {"procs": procs, "threads_per_proc": torch.get_num_threads(), "global_batch": run.layout.global_batch,
               "images_per_sec": statistics.fmean(rates), "images_per_sec_runs": rates,
@@ -162,7 +177,8 @@ def worker(spec: dict, out: Path) -> None:
               "flops_per_image": flops_per_image,
               "achieved_gflops": statistics.fmean(rates) * flops_per_image / 1e9}
     if procs == 1:  # the matrix units' ceiling, with this process's threads
-        result["matmul_gflops"] = {"bf16": matmul_gflops(torch.bfloat16), "fp32": matmul_gflops(torch.float32)}
+        result["matmul_gflops"] = {"bf16": matmul_gflops(torch.bfloat16, run.device),
+                                   "fp32": matmul_gflops(torch.float32, run.device)}
         result["share_of_matmul"] = result["achieved_gflops"] / result["matmul_gflops"][spec["dtype"]]
     if procs > 1 and spec["allreduce"]:
         bucket = int(run.cfg.dist.bucket_mb * 2**20)

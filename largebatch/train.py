@@ -172,6 +172,12 @@ def build(cfg: Config, out: Path) -> Run:
                workers=default_workers(cfg.data, info.local_world_size, device), lock=RunLock(out))
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs behind the host), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepPartTimer:
     """Seconds per part of the step (`largebatch bench`); training uses NO_TIMER."""
 
@@ -180,11 +186,10 @@ class StepPartTimer:
 
     @contextlib.contextmanager
     def __call__(self, part: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        sync()
+        synchronize(self.device)
         t0 = time.perf_counter()
         yield
-        sync()
+        synchronize(self.device)
         self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
 
 
