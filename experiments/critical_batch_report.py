@@ -215,10 +215,13 @@ def control_table(done: list, base: Run) -> list[str]:
              f"LR, the last phase decaying to zero (the study's `grow3072` variant); fixed batches: per batch, "
              f"the run that reaches the target first (else the best-ending run) over every LR and recipe tried "
              f"(seed 0).", "",
-             "| run | steps | test top-1 (%) | first step at the target | steps to 90 % |", "|---|---|---|---|---|"]
+             "| run | steps | test top-1 (%) | mean over its seeds (seeds) | first step at the target | "
+             "steps to 90 % |", "|---|---|---|---|---|---|"]
     for r, res in rows:
         t, t90 = steps_to(res["evals"], target), steps_to(res["evals"], TARGETS[0])
+        seeds = [q_res["summary"]["top1"] for q, q_res in done if replace(q, seed=0) == replace(r, seed=0)]
         lines.append(f"| {r.name} | {res['summary']['steps']} | {100 * res['summary']['top1']:.2f} | "
+                     f"{100 * statistics.fmean(seeds):.2f} ({len(seeds)}) | "
                      f"{t if t is not None else 'not reached'} | {t90 if t90 is not None else 'not reached'} |")
     return lines
 
