@@ -20,8 +20,8 @@ bf16, no augmentation, wd 5e-4 off BN and biases, BN over groups of 32 samples) 
 zero-gamma off, SGD momentum 0.9, cosine decay to zero over the budget, linear warmup
 from LR 0 that grows with the batch. The LR grid runs from the square-root rule past the
 linear rule from the batch-128 LR 0.1: lr(B) = 0.1 * (B / 128) ** p, starting at
-p in {0.75, 1} (a batch started later: at the nearest searched batch's best p and the
-quarter below) and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
+p in {0.75, 1} (a batch started later: at the best p of the nearest of the first
+searches, and the quarter below) and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
 batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that diverges is
 kept as a result (0 %, with the reason) and the search moves away from it.
 """
@@ -123,22 +123,23 @@ def lr_grid(batch: int) -> list[float]:
 P_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
+# The searches that started at p = 0.75 and 1, before first_points: their best lay one or
+# two quarters higher, costing a run or two each to walk there.
+FIRST_SEARCHES = {"": (SMALL, 672, 1536, 3072), "lars": (3072,), "grow3072": (768,)}
+
+
 def first_points(batch: int, variant: str) -> list[float]:
-    """Where a batch's search starts. The first batches started at p = 0.75 and 1; their
-    best lay one or two quarters higher, costing a run or two each to walk there. A batch
-    not yet started now begins at the best p of the nearest batch (in log2, other than the
-    baseline, whose p means something else) whose search has runs, and the quarter below
-    it (larger batches want smaller exponents)."""
-    started = lambda b: [p for p in P_GRID if results_of(Run(b, lr_at(b, p, variant), variant=variant))]  # noqa: E731
-    if started(batch):
+    """Where a batch's search starts: the first searches at p = 0.75 and 1; every later
+    one at the best p of the nearest of those (in log2, other than the baseline, whose p
+    counts doublings) and the quarter below it (larger batches want smaller exponents).
+    Read only from the first searches, which are finished, so a search's start never moves."""
+    firsts = [b for b in FIRST_SEARCHES.get(variant, ()) if b != SMALL]
+    if batch in FIRST_SEARCHES.get(variant, ()) or not firsts:
         return [0.75, 1.0]
-    others = {int(d.name[1:].split("-")[0]) for d in RESULTS.glob("b*-s0")
-              if d.name.split("-")[2:-2] == ([variant] if variant else [])}
-    others = [b for b in others if b not in (batch, SMALL) and started(b)]  # 128's p counts doublings
-    if not others:
-        return [0.75, 1.0]
-    near = min(others, key=lambda b: (abs(math.log2(b / batch)), b))
+    near = min(firsts, key=lambda b: (abs(math.log2(b / batch)), b))
     best = best_run(near, variant)
+    if best is None:
+        return [0.75, 1.0]
     p = next(p for p in P_GRID if lr_at(near, p, variant) == best.lr)
     return [q for q in (p - 0.25, p) if q >= P_GRID[0]]
 
