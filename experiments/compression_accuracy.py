@@ -25,8 +25,8 @@ SEEDS = (0, 1)
 
 def args_for(variant: str, seed: int, epochs: float) -> list[str]:
     # LR 0.2: the recipe's at batch 256 at the time of the committed results
-    return ["--recipe", "fmnist-baseline", "--global-batch", "256", "--epochs", f"{epochs:g}", "--set", "schedule.peak_lr=0.2",
-            "--set", f"train.seed={seed}", "--set", "train.eval_every_epochs=1", "--set", "train.eval_batch=2000",
+    return ["--recipe", "fmnist-baseline", "--global-batch", "256", "--epochs", f"{epochs:g}",
+            "--set", "schedule.peak_lr=0.2", "--set", f"train.seed={seed}", "--set", "train.eval_every_epochs=1", "--set", "train.eval_batch=2000",
             *VARIANTS[variant]]
 
 

@@ -21,8 +21,8 @@ zero-gamma off, SGD momentum 0.9, cosine decay to zero over the budget, linear w
 from LR 0 that grows with the batch. The LR grid runs from the square-root rule past the
 linear rule from the batch-128 LR 0.1: lr(B) = 0.1 * (B / 128) ** p, starting at
 p in {0.75, 1} (a batch started later: at the best p of the nearest of the first
-searches, and the quarter below) and growing by quarters toward the better edge, p from 0.25 to 1.5 (at
-batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that diverges is
+searches, and the quarter below) and growing by quarters toward the better edge, p
+from 0.25 to 1.5 (at batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that diverges is
 kept as a result (0 %, with the reason) and the search moves away from it.
 """
 from __future__ import annotations
@@ -179,8 +179,8 @@ def plan() -> list[Run]:
     64K on ImageNet = 672, 1,536, 3,072 here), the baseline's own LR search, LARS at 3,072,
     the second seeds the targets need, batch-size control (a target of its own), 1,024
     (the fmnist-large recipe's batch), LARS at 1,536, the powers of two that trace the
-    knee (those that test the knee's fits first), LARS's
-    second seed, then the other recipe variants."""
+    knee (those that test the knee's fits first), LARS's second seed, then the other
+    recipe variants."""
     runs = [Run(SMALL, SMALL_LR)]
     for b in (3072, 1536, 672, SMALL):
         runs += tuned(b)

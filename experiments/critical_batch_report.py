@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from common import ROOT
+from largebatch.noise_scale import NoiseScale
 from critical_batch import EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of, warmup_epochs
 
 TARGETS = (0.90, 0.91)
@@ -35,6 +36,21 @@ def noise_at(lines: list[dict], step: int | None) -> float | None:
     """The smoothed noise scale logged nearest before `step` (or at the end)."""
     logged = [x for x in lines if x.get("noise_scale") and (step is None or x["step"] <= step)]
     return logged[-1]["noise_scale"] if logged else None
+
+
+def over_seeds(done: list, run: Run) -> list[float]:
+    """Test top-1 of every finished seed of `run`'s setting (batch, LR, variant)."""
+    return [res["summary"]["top1"] for q, res in done if replace(q, seed=0) == replace(run, seed=0)]
+
+
+def every_recipe(done: list) -> dict[int, list]:
+    """Per fixed batch, its seed-0 runs over every LR and variant tried (batch-size
+    control, whose batch is not fixed, left out)."""
+    out: dict[int, list] = {}
+    for r, res in done:
+        if r.seed == 0 and not r.variant.startswith("grow"):
+            out.setdefault(r.batch, []).append((r, res))
+    return out
 
 
 def fewest_steps(by_batch: dict, target: float = TARGETS[0]) -> dict:
@@ -64,7 +80,7 @@ def noise_at_target(by_batch: dict, target: float) -> list[float]:
     return out
 
 
-def late_noise(run: Run, decay: float = 0.9) -> float | None:
+def late_noise(run: Run, decay: float = NoiseScale().decay) -> float | None:
     """B_simple over the second half of a run (the value `largebatch plan` reads), rebuilt
     from its log lines for runs that finished before summary.json carried it: each line
     holds the bias-corrected moving averages, which give back every window's estimate
@@ -138,8 +154,7 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path) -> None:
         a2.plot(*zip(*linear), marker="s", linestyle="--", label="linear rule")
     a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)", title=f"accuracy at {EPOCHS} epochs")
     for b, (r, res) in sorted(best.items()):
-        lines = [json.loads(x) for x in (RESULTS / r.name / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        ns = [(x["epoch"], x["noise_scale"]) for x in lines if x.get("noise_scale")]
+        ns = [(x["epoch"], x["noise_scale"]) for x in metrics_of(r) if x.get("noise_scale")]
         if ns:
             a3.plot(*zip(*ns), label=f"batch {b}")
     a3.set(yscale="log", xlabel="epoch", ylabel="B_simple (negative estimates not shown)",
@@ -160,19 +175,13 @@ def prediction_table(done: list, base: Run) -> list[str]:
     """What `largebatch plan --noise-scale` would have told a user from the baseline's
     runs, against the epochs the study's runs took to each target (the fewest over every
     LR and recipe tried at the batch, seed 0)."""
-    seeds = [r for r, _ in done if replace(r, seed=0) == base]
-    means = [results_of(r)["summary"]["noise_scale"] for r in seeds]
-    lates = [v for r in seeds if (v := late_noise(r)) is not None]
+    seeds = [(r, res) for r, res in done if replace(r, seed=0) == base]
+    means = [res["summary"]["noise_scale"] for _, res in seeds]
+    lates = [v for r, _ in seeds if (v := late_noise(r)) is not None]
     if not means or not lates:
         return []
     mean, late = statistics.fmean(means), statistics.fmean(lates)
-    fewest = {}
-    for target in TARGETS:
-        for r, res in done:
-            if r.seed == 0 and not r.variant.startswith("grow"):
-                t = steps_to(res["evals"], target)
-                if t is not None and t < fewest.get((r.batch, target), math.inf):
-                    fewest[r.batch, target] = t
+    fewest = {target: fewest_steps(every_recipe(done), target) for target in TARGETS}
     lines = ["", "## What the tool predicts", "",
              f"`largebatch plan --noise-scale RUN` turns a run's noise scale into epochs per batch, E(B) = E_min "
              f"(1 + B / B_noise). From the baseline's runs (batch {SMALL}, LR {base.lr:g}, {len(seeds)} seeds): "
@@ -182,10 +191,10 @@ def prediction_table(done: list, base: Run) -> list[str]:
              "| global batch | predicted from the run mean | predicted from the second half | "
              + " | ".join(f"runs, to {100 * t:g} %" for t in TARGETS) + " |",
              "|---|---|---|" + "---|" * len(TARGETS)]
-    for b in sorted({b for b, _ in fewest} - {SMALL}):
+    for b in sorted(set(fewest[TARGETS[0]]) - {SMALL}):
         took = []
         for target in TARGETS:
-            t, t0 = fewest.get((b, target)), fewest.get((SMALL, target))
+            t, t0 = fewest[target][b][0], fewest[target].get(SMALL, (None,))[0]
             took.append(f"{t * b / (t0 * SMALL):.2f}" if t and t0 else "not reached")
         lines.append(f"| {b} | {predicted_ratio(b, mean):.2f} | {predicted_ratio(b, late):.2f} | " + " | ".join(took) + " |")
     return lines
@@ -200,14 +209,9 @@ def control_table(done: list, base: Run) -> list[str]:
     grown = [(r, res) for r, res in done if r.variant.startswith("grow")]
     if not grown:
         return []
-    m0 = statistics.fmean(res["summary"]["top1"] for r, res in done if replace(r, seed=0) == base)
-    target = m0 - 0.003
-    fixed = {}
-    rank = lambda res: (steps_to(res["evals"], target) or math.inf, -res["summary"]["top1"])  # noqa: E731
-    for r, res in done:
-        if r.seed == 0 and not r.variant.startswith("grow") and (
-                r.batch not in fixed or rank(res) < rank(fixed[r.batch][1])):
-            fixed[r.batch] = (r, res)
+    target = statistics.fmean(over_seeds(done, base)) - 0.003
+    rank = lambda rv: (steps_to(rv[1]["evals"], target) or math.inf, -rv[1]["summary"]["top1"])  # noqa: E731
+    fixed = {b: min(runs, key=rank) for b, runs in every_recipe(done).items()}
     rows = sorted(grown, key=lambda rv: rv[0].lr) + [fixed[b] for b in sorted(fixed)]
     lines = ["", "## Batch-size control against fixed batches", "",
              f"Same {EPOCHS} epochs. Target: the baseline's mean over seeds less 0.3 point ({100 * target:.2f} %). "
@@ -219,7 +223,7 @@ def control_table(done: list, base: Run) -> list[str]:
              "steps to 90 % |", "|---|---|---|---|---|---|"]
     for r, res in rows:
         t, t90 = steps_to(res["evals"], target), steps_to(res["evals"], TARGETS[0])
-        seeds = [q_res["summary"]["top1"] for q, q_res in done if replace(q, seed=0) == replace(r, seed=0)]
+        seeds = over_seeds(done, r)
         lines.append(f"| {r.name} | {res['summary']['steps']} | {100 * res['summary']['top1']:.2f} | "
                      f"{100 * statistics.fmean(seeds):.2f} ({len(seeds)}) | "
                      f"{t if t is not None else 'not reached'} | {t90 if t90 is not None else 'not reached'} |")
@@ -272,15 +276,12 @@ def report(runs: list[Run], doc: Path) -> None:
                   "fewest steps to 90 % (LR) | perfect scaling from the baseline | ratio |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         t_base = fewest.get(SMALL, (None, None))[0]
-
-        def over_seeds(run: Run) -> list[float]:
-            return [res["summary"]["top1"] for q, res in done if replace(q, seed=0) == replace(run, seed=0)]
-        m0 = statistics.fmean(over_seeds(base[0]))
+        m0 = statistics.fmean(over_seeds(done, base[0]))
         for b in sorted(best):
             r, res = best[b]
             t, lr_t = fewest[b]
             ideal = t_base * SMALL / b if t_base else None
-            seeds = over_seeds(r)
+            seeds = over_seeds(done, r)
             lines.append(f"| {b} | {round(b * IMAGENET / FMNIST):,} | {r.lr:g} | {100 * res['summary']['top1']:.2f} | "
                          f"{100 * (res['summary']['top1'] - b0):+.2f} | "
                          f"{100 * statistics.fmean(seeds):.2f} ({len(seeds)}) | "
@@ -293,11 +294,11 @@ def report(runs: list[Run], doc: Path) -> None:
                   f"every LR and variant tried.", "",
                   "| global batch | linear rule LR | its test top-1 (%) | best recipe | its test top-1 (%) | "
                   "best vs baseline (points) |", "|---|---|---|---|---|---|"]
+        recipes = every_recipe(done)
         for b in sorted(best):
             linear = Run(b, round(SMALL_LR * b / SMALL, 4))
             lin = results_of(linear)
-            cands = [(r, res) for r, res in done if r.batch == b and r.seed == 0 and not r.variant.startswith("grow")]
-            r, res = max(cands, key=lambda rv: rv[1]["summary"]["top1"])
+            r, res = max(recipes[b], key=lambda rv: rv[1]["summary"]["top1"])
             lin_top1 = f"{100 * lin['summary']['top1']:.2f}" if lin else "not run"
             lines.append(f"| {b} | {linear.lr:g} | {lin_top1} | "
                          f"{r.variant or 'SGD'}, LR {r.lr:g} | {100 * res['summary']['top1']:.2f} | "

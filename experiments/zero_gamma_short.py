@@ -40,8 +40,8 @@ def main() -> None:
             name = f"zero-gamma-{gamma}-s{seed}"
             out = ROOT / "runs/zero_gamma_short" / name
             # LR 0.1: the recipe's at the time of the committed results
-            args = ["--recipe", "fmnist-baseline", "--data", str(data), "--epochs", "5", "--set", "schedule.peak_lr=0.1",
-                    "--set", f"model.zero_init_gamma={gamma}", "--set", f"train.seed={seed}"]
+            args = ["--recipe", "fmnist-baseline", "--data", str(data), "--epochs", "5",
+                    "--set", "schedule.peak_lr=0.1", "--set", f"model.zero_init_gamma={gamma}", "--set", f"train.seed={seed}"]
             summary = train(out, args)
             keep_results(out, RESULTS / name)
             rows.setdefault(gamma, []).append(summary["top1"])

@@ -105,14 +105,19 @@ def _model_and_batch(model_cfg: ModelConfig, channels: int, size: int, batch: in
     return model, x, torch.randint(model_cfg.num_classes or 10, (batch,), generator=g).to(device)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs behind the host), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _timed(forward, x, y, bf16: bool, steps: int) -> tuple[float, float]:
     """(seconds of the first forward + backward, mean seconds of the next `steps`)."""
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
         loss.backward()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(x.device)
     t0 = time.perf_counter()
     step()
     first, t0 = time.perf_counter() - t0, time.perf_counter()

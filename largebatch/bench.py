@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import dist
+from .autotune import synchronize
 
 PARTS = ("data", "forward", "backward", "optimizer")
 
@@ -103,7 +104,6 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu")
     """This process's rate of n x n matrix products in `dtype` on `device` (GFLOP/s,
     2 n^3 per product): the ceiling a training step is measured against. n is 2,048 on
     a CPU and 8,192 on a GPU, which a smaller product leaves partly idle."""
-    from .train import synchronize
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     for _ in range(2):
@@ -131,7 +131,7 @@ def step_flops(run, batches, loss_fn) -> float:
 
 
 def worker(spec: dict, out: Path) -> None:
-    from .train import NO_TIMER, StepPartTimer, setup, synchronize, train_step
+    from .train import NO_TIMER, StepPartTimer, setup, train_step
 
     procs = int(os.environ["WORLD_SIZE"])
     run = setup(bench_config(spec, procs), out.parent / "run")  # a scratch run directory beside the result

@@ -35,9 +35,9 @@ def pick_device(info: dist.DistInfo) -> torch.device:
         if info.local_world_size > torch.cuda.device_count():
             # NCCL refuses two ranks on one GPU, and only after every rank has started.
             raise UserError(f"{info.local_world_size} processes on this host but {torch.cuda.device_count()} "
-                                 f"GPU(s): start one process per GPU (torchrun --nproc_per_node "
-                                 f"{torch.cuda.device_count()}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
-                                 f"train on the CPU")
+                            f"GPU(s): start one process per GPU (torchrun --nproc_per_node "
+                            f"{torch.cuda.device_count()}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to "
+                            f"train on the CPU")
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -172,12 +172,6 @@ def build(cfg: Config, out: Path) -> Run:
                workers=default_workers(cfg.data, info.local_world_size, device), lock=RunLock(out))
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a GPU runs behind the host), before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class StepPartTimer:
     """Seconds per part of the step (`largebatch bench`); training uses NO_TIMER."""
 
@@ -186,10 +180,10 @@ class StepPartTimer:
 
     @contextlib.contextmanager
     def __call__(self, part: str):
-        synchronize(self.device)
+        autotune.synchronize(self.device)
         t0 = time.perf_counter()
         yield
-        synchronize(self.device)
+        autotune.synchronize(self.device)
         self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - t0
 
 
