@@ -13,7 +13,8 @@ eagerly (cheap) to estimate its length; only a run long enough to repay a compil
 times has the compiled model timed beside the eager one, once per machine, model and shape.
 
 Answers are cached in ~/.cache/largebatch/ (LARGEBATCH_CACHE moves it) and every later
-run reads them.
+run reads them. A timing taken while the process was suspended (SIGSTOP and SIGCONT, as
+Slurm's `scontrol suspend` does) counts the pause: it is taken again, and never cached.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import dataclasses
 import json
 import os
 import platform
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,16 +52,39 @@ def cache_key(device_name: str, *parts) -> str:
     return "|".join(map(str, (TIMING_VERSION, device_name, torch.__version__, torch.get_num_threads(), *parts)))
 
 
+def unsuspended(measure: Callable[[], dict], tries: int = 2) -> tuple[dict, bool]:
+    """(measure(), whether it ran without the process being suspended), taken again up
+    to `tries` times while a SIGCONT arrives during it: a stopped process's clock runs on,
+    and one suspension during a compile once made it look 20 minutes long."""
+    if threading.current_thread() is not threading.main_thread():
+        return measure(), True  # no signal handlers off the main thread: trust the timing
+    resumed = []
+    old = signal.signal(signal.SIGCONT, lambda signum, frame: resumed.append(signum))
+    try:
+        for _ in range(tries):
+            resumed.clear()
+            result = measure()
+            if not resumed:
+                return result, True
+        return result, False
+    finally:
+        signal.signal(signal.SIGCONT, old)
+
+
 def cached(name: str, key: str, measure: Callable[[], dict], need: str) -> dict:
     """The cache entry `key` of cache `name`, measured (and the new fields merged in and
-    written) when it lacks the field `need`."""
+    written) when it lacks the field `need`. A measurement the process was suspended
+    during serves this run only."""
     path = cache_path(name)
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
         cache = {}
     if need not in cache.get(key, {}):
-        cache[key] = {**cache.get(key, {}), **measure()}
+        result, clean = unsuspended(measure)
+        if not clean:
+            return {**cache.get(key, {}), **result}
+        cache[key] = {**cache.get(key, {}), **result}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")

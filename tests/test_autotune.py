@@ -1,4 +1,9 @@
 """bf16 and torch.compile are chosen by timing the run's model on this machine, once."""
+import json
+import os
+import signal
+import subprocess
+
 import torch
 
 from largebatch import autotune
@@ -70,3 +75,25 @@ def test_the_compile_timing_compiles_the_real_model(monkeypatch):
     m = autotune.compile_seconds(ModelConfig(name="resnet8", bn_group_size=4), 1, 28, 8, False, False,
                                  torch.device("cpu"), steps=1)
     assert m["compile_seconds"] > m["compiled_seconds"] > 0 and m["eager_seconds"] > 0
+
+
+def test_a_timing_the_process_was_suspended_during_is_taken_again_and_never_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path))
+    pid, timings = os.getpid(), []
+
+    def measure(suspend: int):
+        def timed() -> dict:
+            if len(timings) < suspend:  # stopped for real; a child process continues us
+                subprocess.run(["sh", "-c", f"kill -STOP {pid}; sleep 0.3; kill -CONT {pid}"], check=True)
+            timings.append(len(timings))
+            return {"seconds": float(len(timings))}
+        return timed
+
+    # suspended during the first timing: the second is the answer, and it is cached
+    assert autotune.cached("compile", "a", measure(suspend=1), need="seconds") == {"seconds": 2.0}
+    assert json.loads((tmp_path / "compile.json").read_text()) == {"a": {"seconds": 2.0}}
+    # suspended during every try: this run uses the last, the cache does not keep it
+    timings.clear()
+    assert autotune.cached("compile", "b", measure(suspend=2), need="seconds") == {"seconds": 2.0}
+    assert "b" not in json.loads((tmp_path / "compile.json").read_text())
+    assert signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
