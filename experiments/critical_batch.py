@@ -98,7 +98,12 @@ VARIANTS = {
                           "{name: b1536, epochs: 4, decay: constant, global_batch: 1536, scale_lr: false, "
                           "snapshot: false}, {name: b3072, epochs: 4, decay: cosine, global_batch: 3072, "
                           "scale_lr: false, snapshot: false}]"],
+    # Adaptive batch-size control: from the batch named, the batch doubles at each epoch
+    # while it stays within the noise scale measured over the epoch, up to 4,096; the LR
+    # follows by the recipe's square-root rule, the cosine runs on over epochs.
+    "adaptive": ["--set", "adaptive_batch.max_batch=4096"],
 }
+CONTROLS = ("grow3072", "adaptive")  # variants whose batch changes during the run
 
 
 # LAMB's LR is the fraction of its weights a layer moves per step, as LARS's LR times its
@@ -193,6 +198,9 @@ def plan() -> list[Run]:
     # SGD is 0.68 point short at 1,536 over two seeds; the 32K records used LARS, which at
     # 3,072 gained 2.6 points over SGD's best
     runs += tuned(1536, variant="lars")
+    # The adaptive control from the baseline's batch and LR: does the batch the noise
+    # scale asks for keep the baseline's accuracy in fewer steps than a fixed schedule?
+    runs += [Run(SMALL, 0.4, variant="adaptive")]
     for b in (2048, 4096, 256, 512, 8192, 16384):
         runs += tuned(b)
     # At 3,072 the best (LARS) is over a point below the baseline: a second seed cannot

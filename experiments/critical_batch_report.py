@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import ROOT
 from largebatch.noise_scale import NoiseScale
-from critical_batch import EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of, warmup_epochs
+from critical_batch import CONTROLS, EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of, warmup_epochs
 
 TARGETS = (0.90, 0.91)
 PAPER = [  # (what, ImageNet batch, top-1 %, source) -- set beside ours by batch / training-set size
@@ -48,7 +48,7 @@ def every_recipe(done: list) -> dict[int, list]:
     control, whose batch is not fixed, left out)."""
     out: dict[int, list] = {}
     for r, res in done:
-        if r.seed == 0 and not r.variant.startswith("grow"):
+        if r.seed == 0 and r.variant not in CONTROLS:
             out.setdefault(r.batch, []).append((r, res))
     return out
 
@@ -206,25 +206,28 @@ def control_table(done: list, base: Run) -> list[str]:
     point), for the control runs and, per fixed batch, the run that reaches it first (else
     the best-ending run), over every LR and recipe tried (seed 0), as Shallue et al. tune
     for steps to target."""
-    grown = [(r, res) for r, res in done if r.variant.startswith("grow")]
+    grown = [(r, res) for r, res in done if r.variant in CONTROLS]
     if not grown:
         return []
     target = statistics.fmean(over_seeds(done, base)) - 0.003
     rank = lambda rv: (steps_to(rv[1]["evals"], target) or math.inf, -rv[1]["summary"]["top1"])  # noqa: E731
     fixed = {b: min(runs, key=rank) for b, runs in every_recipe(done).items()}
-    rows = sorted(grown, key=lambda rv: rv[0].lr) + [fixed[b] for b in sorted(fixed)]
+    rows = sorted(grown, key=lambda rv: (rv[0].variant, rv[0].lr)) + [fixed[b] for b in sorted(fixed)]
     lines = ["", "## Batch-size control against fixed batches", "",
              f"Same {EPOCHS} epochs. Target: the baseline's mean over seeds less 0.3 point ({100 * target:.2f} %). "
-             f"Control runs start at batch {grown[0][0].batch} and double the batch every 4 epochs at a constant "
-             f"LR, the last phase decaying to zero (the study's `grow3072` variant); fixed batches: per batch, "
+             f"Control runs: `grow3072` starts at batch 768 and doubles the batch every 4 epochs at a constant "
+             f"LR, the last phase decaying to zero; `adaptive` starts at the baseline's batch and LR and doubles "
+             f"the batch at each epoch while it stays within the noise scale measured over that epoch (up to "
+             f"4,096), the LR following by the square-root rule and the cosine running on; fixed batches: per batch, "
              f"the run that reaches the target first (else the best-ending run) over every LR and recipe tried "
              f"(seed 0).", "",
-             "| run | steps | test top-1 (%) | mean over its seeds (seeds) | first step at the target | "
-             "steps to 90 % |", "|---|---|---|---|---|---|"]
+             "| run | global batches | steps | test top-1 (%) | mean over its seeds (seeds) | "
+             "first step at the target | steps to 90 % |", "|---|---|---|---|---|---|---|"]
     for r, res in rows:
         t, t90 = steps_to(res["evals"], target), steps_to(res["evals"], TARGETS[0])
         seeds = over_seeds(done, r)
-        lines.append(f"| {r.name} | {res['summary']['steps']} | {100 * res['summary']['top1']:.2f} | "
+        batches = " → ".join(f"{b:,}" for b in res["summary"].get("global_batches", [r.batch]))
+        lines.append(f"| {r.name} | {batches} | {res['summary']['steps']} | {100 * res['summary']['top1']:.2f} | "
                      f"{100 * statistics.fmean(seeds):.2f} ({len(seeds)}) | "
                      f"{t if t is not None else 'not reached'} | {t90 if t90 is not None else 'not reached'} |")
     return lines

@@ -199,6 +199,22 @@ class EnsembleConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class AdaptiveBatchConfig:
+    """Batch-size control from the measured gradient noise scale, as AdaptDL grows its
+    batch, with a simpler rule: every `every_epochs` epochs the global batch doubles while
+    the doubled batch stays within max_batch and at or below B_simple measured since the
+    last decision. At B = B_simple a step does about half the work of one with the true
+    gradient (McCandlish et al. 2018), so each doubling still cuts the steps by at least
+    a third. The batch never shrinks; the LR follows it by schedule.scaling, and the
+    schedule's shape runs over epochs as without the control."""
+    max_batch: int = 0
+    """The largest global batch the run may grow to (train.global_batch times a power of
+    two); 0 = off."""
+    every_epochs: int = 1
+    """Whole epochs between decisions."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     global_batch: int = 1024
     micro_batch: int | None = None
@@ -279,6 +295,7 @@ class Config:
     phases: list[PhaseConfig] = field(default_factory=list)
     """A phased schedule (main, cycles, collapse); empty = the single `schedule`."""
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    adaptive_batch: AdaptiveBatchConfig = field(default_factory=AdaptiveBatchConfig)
 
 
 # --- building from dicts, with type checks ------------------------------------------
@@ -452,6 +469,18 @@ def validate(cfg: Config) -> None:
         need(0 <= p.warmup_epochs <= p.epochs, f"phases[{i}].warmup_epochs must be within the phase")
         need(p.peak >= 0 and p.warmup_start >= 0, f"phases[{i}]: peak and warmup_start must be >= 0")
         need(p.global_batch is None or p.global_batch > 0, f"phases[{i}].global_batch must be positive")
+    a = cfg.adaptive_batch
+    if a.max_batch:
+        need(a.max_batch > t.global_batch and a.max_batch % t.global_batch == 0
+             and (a.max_batch // t.global_batch) & (a.max_batch // t.global_batch - 1) == 0,
+             f"adaptive_batch.max_batch ({a.max_batch}) must be train.global_batch ({t.global_batch}) "
+             f"times a power of two; 0 turns the control off")
+        need(a.every_epochs >= 1, "adaptive_batch.every_epochs must be at least 1")
+        need(t.noise_scale, "adaptive_batch follows the measured noise scale; it needs train.noise_scale=true")
+        need(t.steps is None, "adaptive_batch: give the run's length in train.epochs (its steps depend on the "
+             "batches it chooses)")
+        need(not any(p.global_batch for p in cfg.phases), "adaptive_batch chooses the global batch; "
+             "remove global_batch from the phases, or set adaptive_batch.max_batch=0")
     e = cfg.ensemble
     need(e.cycles >= 0, "ensemble.cycles must be >= 0")
     need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,

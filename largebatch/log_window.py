@@ -34,6 +34,20 @@ class LogWindow:
         self.comm_exposed += comm_seconds[1]
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        """The open window, summed over processes (a checkpoint may fall inside a window:
+        the resumed run closes it with the same sums, so its noise scale is the same)."""
+        return {"sums": dist.all_reduce_sum(self.sums.clone()).tolist(), "steps": self.steps,
+                "seconds": time.perf_counter() - self.t0, "comm": self.comm, "comm_exposed": self.comm_exposed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Every process adds its own steps to the sums, which the next close reduces: the
+        main process holds what came before the checkpoint, the others start from zero."""
+        if dist.info().is_main:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+        self.steps, self.comm, self.comm_exposed = state["steps"], state["comm"], state["comm_exposed"]
+        self.t0 = time.perf_counter() - state["seconds"]
+
     def pause(self, seconds: float) -> None:
         self.paused += seconds
         self.t0 += seconds

@@ -58,6 +58,7 @@ class NoiseScale:
         self._g = self._s = self._weight = 0.0
         self._sum_g = self._sum_s = 0.0
         self._late_g = self._late_s = 0.0  # the windows of the run's second half
+        self._since_g = self._since_s = 0.0  # the windows since start_interval()
 
     def update(self, small_sq: float, big_sq: float, b_small: int, b_big: int, late: bool = False) -> dict:
         """One log window's mean |G_small|^2 and |G_big|^2 (`late`: the window lies in the
@@ -71,6 +72,8 @@ class NoiseScale:
         self._weight = d * self._weight + (1 - d)
         self._sum_g += e.grad_sq
         self._sum_s += e.trace_cov
+        self._since_g += e.grad_sq
+        self._since_s += e.trace_cov
         if late:
             self._late_g += e.grad_sq
             self._late_s += e.trace_cov
@@ -92,9 +95,17 @@ class NoiseScale:
         """B_simple from the averages over the second half of the run."""
         return Estimate(self._late_g, self._late_s).noise_scale
 
+    def interval_mean(self) -> float | None:
+        """B_simple from the averages over the windows since start_interval() (what the
+        adaptive batch control reads)."""
+        return Estimate(self._since_g, self._since_s).noise_scale
+
+    def start_interval(self) -> None:
+        self._since_g = self._since_s = 0.0
+
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("_g", "_s", "_weight", "_sum_g", "_sum_s", "_late_g", "_late_s",
-                                              "batches")}
+                                              "_since_g", "_since_s", "batches")}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():

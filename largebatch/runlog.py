@@ -114,7 +114,7 @@ def write_json(path: Path, obj: dict) -> None:
 def summary_table(summary: dict) -> str:
     rows = [("test top-1", f"{summary['top1'] * 100:.2f} %"), ("test top-5", f"{summary['top5'] * 100:.2f} %"),
             ("epochs", f"{summary['epochs']:.2f}"), ("steps", str(summary["steps"])),
-            ("global batch", str(summary["global_batch"])),
+            ("global batch", " -> ".join(map(str, summary.get("global_batches") or [summary["global_batch"]]))),
             ("processes x accum x micro", f"{summary['processes']} x {summary['accum_steps']} x {summary['micro_batch']}"),
             ("train images/s", f"{summary['images_per_sec']:.1f}"),
             ("wall time", f"{summary['wall_seconds']:.1f} s")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
+from . import adaptive_batch, autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged, UserError
 from .rundir import RunLock, open_run_dir
@@ -69,13 +69,16 @@ class Run:
     total_steps: int
     workers: int
     lock: RunLock
+    layouts: dict               # every global batch the run may take -> its layout
     sync: grad_sync.Bucketed | grad_sync.Exact | None = None  # built on the loaded weights
     loss_fn: torch.nn.Module | None = None
     batches: object = None      # this process's micro-batches from `start` on
     start: int = 0              # the first step (after a resume, the checkpoint's)
     wall_before: float = 0.0    # wall seconds the run had spent before `start`
     noise: NoiseScale | None = None
+    window_state: dict | None = None  # the log window a checkpoint fell inside
     skipped: set = field(default_factory=set)  # unreadable training files met by this process
+    decided: dict = field(default_factory=dict)  # adaptive_batch: {whole epoch: global batch from there on}
 
 
 def _announce(what: str, on: bool, why: str) -> bool:
@@ -119,14 +122,35 @@ def setup(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
     try:
         start_run(run, resume, allow_config_change)
         run.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=run.cfg.optim.label_smoothing)
-        augment_at = lambda step: phase_at(step, run.phases).augment  # noqa: E731
-        run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(run.start, run.total_steps,
-                                                                                augment_at),
-                                       run.workers, run.device))
+        start_batches(run, run.start)
     except BaseException:
         run.lock.release()
         raise
     return run
+
+
+def start_batches(run: Run, step: int) -> None:
+    """This process's micro-batches from `step` to the end of the run as now planned."""
+    augment_at = lambda s: phase_at(s, run.phases).augment  # noqa: E731
+    run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(step, run.total_steps, augment_at),
+                                   run.workers, run.device))
+
+
+def plan_steps(cfg: Config, num_samples: int, layouts: dict, decided: dict | None = None):
+    """(phases in steps, the sampler that follows their global batches), for the batches
+    the adaptive control has `decided` so far."""
+    sampler = GlobalBatchSampler(num_samples, layouts[cfg.train.global_batch], cfg.train.seed)
+    phases = build_phases(cfg, sampler.steps_per_epoch, num_samples, decided)
+    changes = [(p.start, layouts[p.global_batch]) for i, p in enumerate(phases)
+               if i == 0 or p.global_batch != phases[i - 1].global_batch]
+    if len(changes) > 1:  # batch-size control: the sampler follows the phases' batches
+        sampler = GlobalBatchSampler(num_samples, changes, cfg.train.seed)
+    return phases, sampler
+
+
+def replan(run: Run) -> None:
+    run.phases, run.sampler = plan_steps(run.cfg, len(run.train_set), run.layouts, run.decided)
+    run.total_steps = run.phases[-1].end
 
 
 def build(cfg: Config, out: Path) -> Run:
@@ -139,9 +163,13 @@ def build(cfg: Config, out: Path) -> Run:
     cfg = resolve_auto(cfg, device)
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
+    batches = {*adaptive_batch.candidates(cfg), *(p.global_batch for p in cfg.phases if p.global_batch)}
     layouts = {b: resolve_layout(dataclasses.replace(cfg.train, global_batch=b), info.world_size, info.rank,
-                                 cfg.model.bn_group_size)
-               for b in {layout.global_batch, *(p.global_batch for p in cfg.phases if p.global_batch)}}
+                                 cfg.model.bn_group_size) for b in batches}
+    if cfg.adaptive_batch.max_batch and noise_scale.batches(layout.world_size, layout.accum_steps,
+                                                            layout.micro_batch) is None:
+        raise ConfigError("adaptive_batch needs the noise scale, which one process without accumulation "
+                          "cannot measure: set train.micro_batch below train.global_batch")
     model_channels(cfg.model, data_channels(cfg.data))
     data = cfg.data
     if data.stage_to:  # one copy per node, by its first process
@@ -151,13 +179,8 @@ def build(cfg: Config, out: Path) -> Run:
         data = dataclasses.replace(data, path=data.stage_to)
     train_set = build_dataset(data, "train", cfg.train.seed)
     val_set = build_dataset(data, "val", cfg.train.seed)
-    sampler = GlobalBatchSampler(len(train_set), layout, cfg.train.seed)
-    phases = build_phases(cfg, sampler.steps_per_epoch, len(train_set))
-    changes = [(p.start, layouts[p.global_batch]) for i, p in enumerate(phases)
-               if i == 0 or p.global_batch != phases[i - 1].global_batch]
-    if len(changes) > 1:  # batch-size control: the sampler follows the phases' batches
-        sampler = GlobalBatchSampler(len(train_set), changes, cfg.train.seed)
-    cfg = resolve_compile(cfg, device, changes, phases[-1].end)
+    phases, sampler = plan_steps(cfg, len(train_set), layouts)
+    cfg = resolve_compile(cfg, device, [(s.start, s.layout) for s in sampler.segments], phases[-1].end)
     if cfg.model.num_classes is not None and cfg.model.num_classes < train_set.num_classes:
         raise ConfigError(f"model.num_classes ({cfg.model.num_classes}) is smaller than the data's "
                           f"{train_set.num_classes} classes")
@@ -169,7 +192,7 @@ def build(cfg: Config, out: Path) -> Run:
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
                optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
                phases=phases, total_steps=phases[-1].end,
-               workers=default_workers(cfg.data, info.local_world_size, device), lock=RunLock(out))
+               workers=default_workers(cfg.data, info.local_world_size, device), lock=RunLock(out), layouts=layouts)
 
 
 class StepPartTimer:
@@ -264,7 +287,8 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
     try:
         run = setup(cfg, Path(out), resume, allow_config_change)
         loop = Loop(run, stop)
-        for step in range(run.start, run.total_steps):
+        step = run.start
+        while step < run.total_steps:  # the adaptive control may re-plan the steps left
             phase = phase_at(step, run.phases)
             if step == phase.start and phase.reset_momentum:
                 run.optimizer.state.clear()  # a cycle restarts from the weights alone
@@ -274,7 +298,8 @@ def train(cfg: Config, out: Path, resume: bool = False, allow_config_change: boo
             run.sync.accum_steps = run.layout.accum_steps
             loop.window.add(train_step(run, run.batches, run.loss_fn), run.sync.take_sq_norms(),
                             run.sync.take_seconds())
-            loop.after_step(phase, step + 1, lr)
+            step += 1
+            loop.after_step(phase, step, lr)
         return loop.finish()
     finally:
         stop.restore()
@@ -298,6 +323,9 @@ def start_run(run: Run, resume: bool, allow_config_change: bool) -> None:
                               f"({str(e).splitlines()[0]})") from None
         start, wall_before = state["step"], state.get("wall_seconds", 0.0)
         run.skipped.update(state.get("skipped_files", []))
+        run.decided = {int(epoch): batch for epoch, batch in (state.get("batch_decisions") or {}).items()}
+        if run.decided:
+            replan(run)
     noise = NoiseScale() if t.noise_scale else None
     if noise and state.get("noise_scale"):
         noise.load_state_dict(state["noise_scale"])
@@ -320,6 +348,7 @@ def start_run(run: Run, resume: bool, allow_config_change: bool) -> None:
             print(f"largebatch: {len(val_skipped)} unreadable validation files are left out of evaluation:\n  " +
                   "\n  ".join(val_skipped[:20]), flush=True)
     run.start, run.wall_before, run.noise = start, wall_before, noise
+    run.window_state = state.get("log_window")
 
 
 class Loop:
@@ -334,6 +363,8 @@ class Loop:
                               run.out / "tensorboard" if runlog.tensorboard_wanted(t.tensorboard) else None, start)
         self.log.truncate_after(start)  # lines past the checkpoint will be written again
         self.window = LogWindow(run.device, run.noise)
+        if run.window_state:
+            self.window.load_state_dict(run.window_state)
         self.members = ensemble.RunningEnsemble(run.val_set, t.eval_batch, run.device, run.workers,
                                                 bf16=t.bf16, channels_last=t.channels_last)
         self.bar = tqdm(total=run.total_steps, initial=start, disable=None if run.info.is_main else True,
@@ -343,7 +374,8 @@ class Loop:
     def extra(self) -> dict:
         """What a checkpoint carries besides weights, optimizer and step."""
         return {"wall_seconds": self.wall_before + time.perf_counter() - self.t0,
-                "noise_scale": self.noise.state_dict() if self.noise else None}
+                "noise_scale": self.noise.state_dict() if self.noise else None,
+                "log_window": self.window.state_dict(), "batch_decisions": dict(self.run.decided)}
 
     def evaluate(self) -> dict:
         t = self.run.cfg.train
@@ -361,8 +393,11 @@ class Loop:
         run, t = self.run, self.run.cfg.train
         epoch = run.sampler.epoch_at(done)
         batch_ends = run.sampler.segment_at(done).layout is not run.layout
-        if done % t.log_every_steps == 0 or done == run.total_steps or batch_ends:
+        decide = adaptive_batch.due(run.cfg, epoch) and done < run.total_steps
+        if done % t.log_every_steps == 0 or done == run.total_steps or batch_ends or decide:
             self.log_line(done, epoch, lr)
+        if decide:
+            self.adapt_batch(done, epoch)
         self.bar.update(1)
         pause_t0 = time.perf_counter()
         is_snapshot = phase.snapshot and done == phase.end
@@ -384,6 +419,25 @@ class Loop:
                       f"{run.out / 'checkpoints'}; continue with --resume", flush=True)
             raise SystemExit(128 + signum)
         self.window.pause(time.perf_counter() - pause_t0)
+
+    def adapt_batch(self, done: int, epoch: float) -> None:
+        """adaptive_batch: the global batch from this epoch on, from the noise scale
+        measured since the last decision; the steps left are re-planned when it grows."""
+        run = self.run
+        current = run.sampler.segment_at(done).layout.global_batch
+        measured = self.noise.interval_mean() if self.noise else None
+        new = adaptive_batch.next_batch(current, run.cfg.adaptive_batch.max_batch, measured)
+        self.noise.start_interval()
+        self.log.write(step=done, epoch=epoch, adaptive_batch=new, noise_scale_interval=measured)
+        if new == current:
+            return
+        run.decided[round(epoch)] = new
+        replan(run)
+        start_batches(run, done)
+        self.bar.total = run.total_steps
+        if run.info.is_main:
+            self.bar.write(f"step {done} epoch {epoch:.0f}: B_simple {measured:.0f} since the last decision: "
+                           f"global batch {current} -> {new}")
 
     def log_line(self, done: int, epoch: float, lr: float) -> None:
         record = self.window.close(self.run.layout, late=2 * done > self.run.total_steps)
@@ -418,6 +472,8 @@ class Loop:
         summary = {"top1": result["top1"], "top5": result["top5"], "epochs": sampler.epoch_at(run.total_steps),
                    "steps": run.total_steps, "global_batch": final.global_batch,
                    "global_batches": [s.layout.global_batch for s in sampler.segments],
+                   **({"batch_decisions": {str(e): b for e, b in sorted(run.decided.items())}}
+                      if run.cfg.adaptive_batch.max_batch else {}),
                    "processes": info.world_size, "accum_steps": final.accum_steps, "micro_batch": final.micro_batch,
                    "images_per_sec": sampler.images(self.start, run.total_steps) / train_seconds,
                    "wall_seconds": self.extra()["wall_seconds"], "skipped_files": dist.gather_union(run.skipped),

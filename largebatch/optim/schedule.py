@@ -32,6 +32,7 @@ class Phase:
     reset_momentum: bool = False
     snapshot: int = 0     # snapshot number taken at the phase end; 0 = none
     global_batch: int = 0  # this phase's global batch; 0 = train.global_batch
+    offset: int = 0       # steps of its shape already run: a phase cut where the batch changes
 
     @property
     def end(self) -> int:
@@ -45,6 +46,7 @@ def phase_lr(t: int, p: Phase) -> float:
     authors used (their run B reaches 0.93 at epoch 25 of a 60-epoch horizon); linear
     warmup replaces the first warmup_steps.
     """
+    t += p.offset
     if t < p.warmup_steps:
         return p.warmup_start + (p.peak - p.warmup_start) * t / p.warmup_steps
     frac = min(t / p.horizon, 1.0)
@@ -135,52 +137,64 @@ def collapsed_ensemble(main: PhaseConfig, e: EnsembleConfig, total_epochs: float
 
 
 def _phase(pc: PhaseConfig, start: int, peak: float, weight_decay: float, steps, length: int | None = None,
-           augment: bool = True, snapshot: int = 0) -> Phase:
+           augment: bool = True, snapshot: int = 0, offset: int | None = None) -> Phase:
+    """`offset`: where a piece of a phase cut at a batch change begins in the phase's shape,
+    in the piece's steps (the whole phase's warmup and horizon are counted in them too)."""
     length = steps(pc.epochs) if length is None else length
-    horizon = steps(pc.horizon_epochs) if pc.horizon_epochs is not None else length
+    whole = length if offset is None else steps(pc.epochs)
+    horizon = steps(pc.horizon_epochs) if pc.horizon_epochs is not None else whole
     return Phase(start=start, steps=length, peak=pc.peak * peak, warmup_steps=steps(pc.warmup_epochs),
                  warmup_start=pc.warmup_start * peak, decay=pc.decay, power=pc.poly_power,
                  horizon=max(horizon, 1), final=pc.final * peak,
                  milestones=tuple(steps(m) for m in pc.milestones), gamma=pc.gamma,
                  weight_decay=weight_decay if pc.weight_decay is None else pc.weight_decay,
                  name=pc.name, augment=augment if pc.augment is None else pc.augment,
-                 reset_momentum=pc.reset_momentum, snapshot=snapshot)
+                 reset_momentum=pc.reset_momentum and not offset, snapshot=snapshot, offset=offset or 0)
 
 
-def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = None) -> list[Phase]:
+def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = None,
+                 decided: dict[int, int] | None = None) -> list[Phase]:
     """Phases in steps. Boundaries are rounded from cumulative epochs, so rounding never
     drifts; the run lasts until the last phase ends. A phase with its own global batch
     counts its steps with its own steps per epoch (num_samples // batch); the batch may
-    change only at a whole epoch."""
-    t = cfg.train
+    change only at a whole epoch. `decided` maps whole epochs to the global batch the
+    adaptive control chose from there on; a phase it changes the batch in is cut into
+    pieces that continue one LR shape, each piece in the steps of its batch."""
+    t, decided = cfg.train, dict(decided or {})
     num_samples = num_samples or steps_per_epoch * t.global_batch
     total_epochs = t.steps / steps_per_epoch if t.steps is not None else t.epochs
     configs = phase_configs(cfg, total_epochs)
     phases, elapsed, snapshots = [], 0.0, 0
     seg_step, seg_epoch, batch = 0, 0.0, t.global_batch  # where the current batch began
     for i, pc in enumerate(configs):
-        want = pc.global_batch or t.global_batch
-        if want != batch:
-            if abs(elapsed - round(elapsed)) > 1e-6:
-                raise ConfigError(f"phases[{i}].global_batch: the batch may change only at a whole epoch, "
-                                  f"and phase {i} starts at epoch {elapsed:g}")
-            seg_step, seg_epoch, batch = phases[-1].end if phases else 0, elapsed, want
-        spe = num_samples // batch
-        if spe == 0:
-            raise ConfigError(f"phases[{i}].global_batch ({batch}) is larger than the training set "
-                              f"({num_samples} samples)")
-        steps = lambda ep, spe=spe: int(round(ep * spe))  # noqa: E731
-        start = seg_step + steps(elapsed - seg_epoch)
-        elapsed += pc.epochs
-        stop = max(seg_step + steps(elapsed - seg_epoch), start + 1)
+        begin, finish = elapsed, elapsed + pc.epochs
+        cuts = sorted(e for e in decided if begin + 1e-6 < e < finish - 1e-6)
         snapshots += pc.snapshot
-        scale = lr_scale(cfg, batch, t.global_batch) if pc.scale_lr else 1.0
-        phase = _phase(pc, start, peak_lr(cfg) * scale, cfg.optim.weight_decay, steps, stop - start,
-                       cfg.data.augment, snapshots if pc.snapshot else 0)
-        phase = dataclasses.replace(phase, global_batch=batch)
-        if phase.warmup_steps > phase.steps:
-            key = f"phases[{i}].warmup_epochs" if cfg.phases else "schedule.warmup_epochs"
-            raise ConfigError(f"{key} ({pc.warmup_epochs} epochs = {phase.warmup_steps} steps) is longer "
-                              f"than its phase ({phase.steps} steps)")
-        phases.append(phase)
+        for a, b in zip([begin, *cuts], [*cuts, finish]):
+            chosen = [decided[e] for e in sorted(decided) if e <= a + 1e-6]
+            want = chosen[-1] if chosen else pc.global_batch or t.global_batch
+            if want != batch:
+                if abs(a - round(a)) > 1e-6:
+                    raise ConfigError(f"phases[{i}].global_batch: the batch may change only at a whole epoch, "
+                                      f"and phase {i} starts at epoch {a:g}")
+                seg_step, seg_epoch, batch = phases[-1].end if phases else 0, a, want
+            spe = num_samples // batch
+            if spe == 0:
+                raise ConfigError(f"phases[{i}].global_batch ({batch}) is larger than the training set "
+                                  f"({num_samples} samples)")
+            steps = lambda ep, spe=spe: int(round(ep * spe))  # noqa: E731
+            start = seg_step + steps(a - seg_epoch)
+            stop = max(seg_step + steps(b - seg_epoch), start + 1)
+            scale = lr_scale(cfg, batch, t.global_batch) if pc.scale_lr else 1.0
+            last = b == finish
+            phase = _phase(pc, start, peak_lr(cfg) * scale, cfg.optim.weight_decay, steps, stop - start,
+                           cfg.data.augment, snapshots if pc.snapshot and last else 0,
+                           offset=steps(a - begin) if cuts else None)
+            phase = dataclasses.replace(phase, global_batch=batch)
+            if last and phase.warmup_steps > phase.offset + phase.steps:
+                key = f"phases[{i}].warmup_epochs" if cfg.phases else "schedule.warmup_epochs"
+                raise ConfigError(f"{key} ({pc.warmup_epochs} epochs = {phase.warmup_steps} steps) is longer "
+                                  f"than its phase ({phase.offset + phase.steps} steps)")
+            phases.append(phase)
+        elapsed = finish
     return phases
