@@ -161,6 +161,11 @@ def build(cfg: Config, out: Path) -> Run:
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     set_threads(cfg.train.threads, info)
     cfg = resolve_auto(cfg, device)
+    t = cfg.train
+    if cfg.adaptive_batch.max_batch and t.micro_batch is None and t.global_batch % info.world_size == 0:
+        # as the batch grows, accumulation takes the growth and the micro-batch (memory) stays
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, micro_batch=cfg.train.global_batch // info.world_size))
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
     batches = {*adaptive_batch.candidates(cfg), *(p.global_batch for p in cfg.phases if p.global_batch)}

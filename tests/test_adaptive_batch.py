@@ -94,8 +94,10 @@ def test_the_run_grows_its_batch_and_resumes_bitwise_on_either_side_of_the_decis
 def test_the_layout_does_not_matter(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_cli("train", *SYNTH, "--out", one)
-    run_cli("train", *SYNTH, "--out", two, nproc=2)
-    assert json.loads((two / "summary.json").read_text())["batch_decisions"] == {"1": 64}
+    no_micro = [a for i, a in enumerate(SYNTH) if "--micro-batch" not in SYNTH[max(i - 1, 0):i + 1]]
+    run_cli("train", *no_micro, "--out", two, nproc=2)  # the micro-batch stays the first batch's share: 16
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["batch_decisions"] == {"1": 64} and (summary["micro_batch"], summary["accum_steps"]) == (16, 2)
     a, b = checkpoint.load(one / "checkpoints/last.pt")["model"], checkpoint.load(two / "checkpoints/last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
