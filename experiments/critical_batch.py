@@ -183,7 +183,8 @@ def plan() -> list[Run]:
     the baseline, the batches that map to the paper's and the records' batches (14K, 32K,
     64K on ImageNet = 672, 1,536, 3,072 here), the baseline's own LR search, LARS at 3,072,
     the second seeds the targets need, batch-size control (a target of its own), 1,024
-    (the fmnist-large recipe's batch), LARS at 1,536, the powers of two that trace the
+    (the fmnist-large recipe's batch), LARS at 1,536, the adaptive batch control and
+    1,024's second seed, the powers of two that trace the
     knee (those that test the knee's fits first), LARS's second seed, then the other
     recipe variants."""
     runs = [Run(SMALL, SMALL_LR)]
