@@ -20,13 +20,14 @@ def candidates(cfg: Config) -> list[int]:
     return out
 
 
-def next_batch(current: int, max_batch: int, noise_scale: float | None) -> int:
-    """Double the batch while the doubled batch is at most max_batch and the measured
-    noise scale; never shrink. No measurement (or a negative |G|^2 estimate) keeps it."""
+def next_batch(current: int, max_batch: int, noise_scale: float | None, multiple: float = 1.0) -> int:
+    """Double the batch while the doubled batch is at most max_batch and `multiple` times
+    the measured noise scale; never shrink. No measurement (or a negative |G|^2
+    estimate) keeps it."""
     if noise_scale is None or not math.isfinite(noise_scale) or noise_scale <= 0:
         return current
     batch = current
-    while batch * 2 <= min(max_batch, noise_scale):
+    while batch * 2 <= min(max_batch, multiple * noise_scale):
         batch *= 2
     return batch
 

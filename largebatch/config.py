@@ -212,6 +212,10 @@ class AdaptiveBatchConfig:
     two); 0 = off."""
     every_epochs: int = 1
     """Whole epochs between decisions."""
+    noise_multiple: float = 1.0
+    """Grow while the doubled batch is at most this times B_simple. 1 spends the fewest
+    samples per unit of progress; larger values trade samples for fewer steps, which a
+    fixed epoch budget rewards (docs/RESULTS.md, batch-size control)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -476,6 +480,7 @@ def validate(cfg: Config) -> None:
              f"adaptive_batch.max_batch ({a.max_batch}) must be train.global_batch ({t.global_batch}) "
              f"times a power of two; 0 turns the control off")
         need(a.every_epochs >= 1, "adaptive_batch.every_epochs must be at least 1")
+        need(a.noise_multiple > 0, f"adaptive_batch.noise_multiple must be positive, got {a.noise_multiple}")
         need(t.noise_scale, "adaptive_batch follows the measured noise scale; it needs train.noise_scale=true")
         need(t.steps is None, "adaptive_batch: give the run's length in train.epochs (its steps depend on the "
              "batches it chooses)")

@@ -431,7 +431,8 @@ class Loop:
         run = self.run
         current = run.sampler.segment_at(done).layout.global_batch
         measured = self.noise.interval_mean() if self.noise else None
-        new = adaptive_batch.next_batch(current, run.cfg.adaptive_batch.max_batch, measured)
+        a = run.cfg.adaptive_batch
+        new = adaptive_batch.next_batch(current, a.max_batch, measured, a.noise_multiple)
         self.noise.start_interval()
         self.log.write(step=done, epoch=epoch, adaptive_batch=new, noise_scale_interval=measured)
         if new == current:

@@ -23,6 +23,7 @@ def test_the_batch_doubles_up_to_the_noise_scale_and_max_batch_and_never_shrinks
     assert next_batch(32, 256, 128.0) == 128  # at B_simple itself: still grown
     assert next_batch(32, 64, 1e9) == 64
     assert next_batch(128, 256, 10.0) == 128
+    assert next_batch(32, 4096, 100.0, multiple=4) == 256  # up to 4 x B_simple: fewer steps, more samples
     assert next_batch(32, 256, None) == next_batch(32, 256, -50.0) == next_batch(32, 256, float("nan")) == 32
     cfg = build_config({"train": {"global_batch": 32, "epochs": 4}, "adaptive_batch": {"max_batch": 256,
                                                                                       "every_epochs": 2}})
