@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import platform
-import signal
 import threading
 import time
 from pathlib import Path
@@ -52,23 +51,44 @@ def cache_key(device_name: str, *parts) -> str:
     return "|".join(map(str, (TIMING_VERSION, device_name, torch.__version__, torch.get_num_threads(), *parts)))
 
 
+STALL_S = 1.0  # a watcher that wakes every TICK_S and finds this much more gone: the process was stopped
+TICK_S = 0.05
+
+
+class _Stalls(threading.Thread):
+    """Notices the process not running: a stopped process's clock runs on while none of
+    its threads do, so this thread wakes to find far more time gone than it slept.
+    (A SIGCONT handler would be the direct sign, but Python runs it only when the main
+    thread next gets to it, which can be after the timing has been judged.)"""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.done, self.stalled = threading.Event(), False
+
+    def run(self) -> None:
+        last, done = time.monotonic(), False
+        while not done:  # the last look, after the timing ended, covers a stop just before it
+            done = self.done.wait(TICK_S)
+            now = time.monotonic()
+            self.stalled |= now - last > TICK_S + STALL_S
+            last = now
+
+
 def unsuspended(measure: Callable[[], dict], tries: int = 2) -> tuple[dict, bool]:
     """(measure(), whether it ran without the process being suspended), taken again up
-    to `tries` times while a SIGCONT arrives during it: a stopped process's clock runs on,
-    and one suspension during a compile once made it look 20 minutes long."""
-    if threading.current_thread() is not threading.main_thread():
-        return measure(), True  # no signal handlers off the main thread: trust the timing
-    resumed = []
-    old = signal.signal(signal.SIGCONT, lambda signum, frame: resumed.append(signum))
-    try:
-        for _ in range(tries):
-            resumed.clear()
+    to `tries` times while the process stops during it: a stopped process's clock runs
+    on, and one suspension during a compile once made it look 20 minutes long."""
+    for _ in range(tries):
+        watch = _Stalls()
+        watch.start()
+        try:
             result = measure()
-            if not resumed:
-                return result, True
-        return result, False
-    finally:
-        signal.signal(signal.SIGCONT, old)
+        finally:
+            watch.done.set()
+            watch.join()
+        if not watch.stalled:
+            return result, True
+    return result, False
 
 
 def cached(name: str, key: str, measure: Callable[[], dict], need: str) -> dict:
@@ -82,9 +102,10 @@ def cached(name: str, key: str, measure: Callable[[], dict], need: str) -> dict:
         cache = {}
     if need not in cache.get(key, {}):
         result, clean = unsuspended(measure)
+        entry = {**cache.get(key, {}), **result}
         if not clean:
-            return {**cache.get(key, {}), **result}
-        cache[key] = {**cache.get(key, {}), **result}
+            return entry
+        cache[key] = entry
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")

@@ -164,8 +164,7 @@ def build(cfg: Config, out: Path) -> Run:
     t = cfg.train
     if cfg.adaptive_batch.max_batch and t.micro_batch is None and t.global_batch % info.world_size == 0:
         # as the batch grows, accumulation takes the growth and the micro-batch (memory) stays
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, micro_batch=cfg.train.global_batch // info.world_size))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch=t.global_batch // info.world_size))
     # Everything the config alone can reject is rejected before any data is read.
     layout = resolve_layout(cfg.train, info.world_size, info.rank, cfg.model.bn_group_size)
     batches = {*adaptive_batch.candidates(cfg), *(p.global_batch for p in cfg.phases if p.global_batch)}
@@ -376,9 +375,13 @@ class Loop:
                         unit="step", dynamic_ncols=True)
         self.t0, self.wall_before, self.result = time.perf_counter(), run.wall_before, None
 
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.t0
+
     def extra(self) -> dict:
-        """What a checkpoint carries besides weights, optimizer and step."""
-        return {"wall_seconds": self.wall_before + time.perf_counter() - self.t0,
+        """What a checkpoint carries besides weights, optimizer and step (the log window
+        costs an all-reduce: only where a checkpoint is written)."""
+        return {"wall_seconds": self.wall_seconds(),
                 "noise_scale": self.noise.state_dict() if self.noise else None,
                 "log_window": self.window.state_dict(), "batch_decisions": dict(self.run.decided)}
 
@@ -430,7 +433,7 @@ class Loop:
         measured since the last decision; the steps left are re-planned when it grows."""
         run = self.run
         current = run.sampler.segment_at(done).layout.global_batch
-        measured = self.noise.interval_mean() if self.noise else None
+        measured = self.noise.interval_mean()  # validate() requires the noise scale with the control
         a = run.cfg.adaptive_batch
         new = adaptive_batch.next_batch(current, a.max_batch, measured, a.noise_multiple)
         self.noise.start_interval()
@@ -482,7 +485,7 @@ class Loop:
                       if run.cfg.adaptive_batch.max_batch else {}),
                    "processes": info.world_size, "accum_steps": final.accum_steps, "micro_batch": final.micro_batch,
                    "images_per_sec": sampler.images(self.start, run.total_steps) / train_seconds,
-                   "wall_seconds": self.extra()["wall_seconds"], "skipped_files": dist.gather_union(run.skipped),
+                   "wall_seconds": self.wall_seconds(), "skipped_files": dist.gather_union(run.skipped),
                    "val_skipped_files": getattr(run.val_set, "skipped_files", []), **noise_scale.summary(self.noise)}
         snapshots = [line for line in self.log.read() if "snapshot" in line]
         if snapshots:

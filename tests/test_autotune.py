@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 
 import torch
 
@@ -84,7 +85,8 @@ def test_a_timing_the_process_was_suspended_during_is_taken_again_and_never_cach
     def measure(suspend: int):
         def timed() -> dict:
             if len(timings) < suspend:  # stopped for real; a child process continues us
-                subprocess.run(["sh", "-c", f"kill -STOP {pid}; sleep 0.3; kill -CONT {pid}"], check=True)
+                subprocess.run(["sh", "-c", f"kill -STOP {pid}; sleep {autotune.STALL_S + 0.5}; kill -CONT {pid}"],
+                               check=True)
             timings.append(len(timings))
             return {"seconds": float(len(timings))}
         return timed
@@ -97,3 +99,4 @@ def test_a_timing_the_process_was_suspended_during_is_taken_again_and_never_cach
     assert autotune.cached("compile", "b", measure(suspend=2), need="seconds") == {"seconds": 2.0}
     assert "b" not in json.loads((tmp_path / "compile.json").read_text())
     assert signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
+    assert not any(isinstance(t, autotune._Stalls) for t in threading.enumerate())  # the watchers are gone

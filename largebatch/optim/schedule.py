@@ -160,7 +160,7 @@ def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = No
     change only at a whole epoch. `decided` maps whole epochs to the global batch the
     adaptive control chose from there on; a phase it changes the batch in is cut into
     pieces that continue one LR shape, each piece in the steps of its batch."""
-    t, decided = cfg.train, dict(decided or {})
+    t, decided = cfg.train, decided or {}
     num_samples = num_samples or steps_per_epoch * t.global_batch
     total_epochs = t.steps / steps_per_epoch if t.steps is not None else t.epochs
     configs = phase_configs(cfg, total_epochs)
@@ -171,8 +171,8 @@ def build_phases(cfg: Config, steps_per_epoch: int, num_samples: int | None = No
         cuts = sorted(e for e in decided if begin + 1e-6 < e < finish - 1e-6)
         snapshots += pc.snapshot
         for a, b in zip([begin, *cuts], [*cuts, finish]):
-            chosen = [decided[e] for e in sorted(decided) if e <= a + 1e-6]
-            want = chosen[-1] if chosen else pc.global_batch or t.global_batch
+            chosen = [e for e in decided if e <= a + 1e-6]
+            want = decided[max(chosen)] if chosen else pc.global_batch or t.global_batch
             if want != batch:
                 if abs(a - round(a)) > 1e-6:
                     raise ConfigError(f"phases[{i}].global_batch: the batch may change only at a whole epoch, "
