@@ -219,7 +219,8 @@ def control_table(done: list, base: Run) -> list[str]:
              f"LR, the last phase decaying to zero; `adaptive` starts at the baseline's batch and LR and doubles "
              f"the batch at each epoch while it stays within the noise scale measured over that epoch (up to "
              f"4,096), the LR following by the square-root rule and the cosine running on (`adaptive4`: within "
-             f"4 times the noise scale); fixed batches: per batch, "
+             f"4 times the noise scale; `b256-...-adaptive4` the same from batch 256 at the square-root rule's LR); "
+             f"fixed batches: per batch, "
              f"the run that reaches the target first (else the best-ending run) over every LR and recipe tried "
              f"(seed 0).", "",
              "| run | global batches | steps | test top-1 (%) | mean over its seeds (seeds) | "
