@@ -125,6 +125,12 @@ def run_one(run: Run, data: Path, results: Path) -> None:
     (dest / "command.txt").write_text("\n".join(commands) + "\n")
 
 
+def differs(member: dict) -> str:
+    if "disagrees_with_last" not in member or member["disagrees_with_last"] == 0:
+        return ""
+    return f" [{100 * member['disagrees_with_last']:.1f} / {100 * member['right_where_last_wrong']:.1f}]"
+
+
 def report(runs: list[Run], doc: Path) -> None:
     done = {r: res for r in runs if (res := results_of(r))}
     lines = ["# The Collapsed Ensemble on Fashion-MNIST", "",
@@ -166,11 +172,14 @@ def report(runs: list[Run], doc: Path) -> None:
               "Members are the snapshots alone (phase: top-1 %); k = the last k snapshots as a probability "
               "ensemble; the weight average has its BatchNorm statistics recomputed on training data. Cost: "
               "forward passes per image and seconds over the 10,000 test images on the CPU of the run.", "",
+              "Beside each snapshot but the last, in brackets: the share of test images on which its top-1 class "
+              "differs from the last snapshot's (only those can an ensemble change), and the share it gets right "
+              "where the last snapshot is wrong (the most an ensemble with it could correct), in %.", "",
               "| run | final model | members | last-k ensembles: top-1 % (passes, s) | weight average (passes, s) |",
               "|---|---|---|---|---|"]
     for r, res in done.items():
         e = res.get("ensemble")
-        members = ", ".join(f"{m['phase']}: {100 * m['top1']:.2f}" for m in e["members"]) if e else "—"
+        members = ", ".join(f"{m['phase']}: {100 * m['top1']:.2f}" + differs(m) for m in e["members"]) if e else "—"
         ens = "; ".join(f"k={x['k']}: {100 * x['top1']:.2f} ({x['forward_passes']}, {x['seconds']:.1f})"
                         for x in e["ensembles"]) if e else "—"
         avg = (f"{100 * e['average']['top1']:.2f} ({e['average']['forward_passes']}, {e['average']['seconds']:.1f})"

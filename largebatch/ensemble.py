@@ -33,30 +33,40 @@ class RunningEnsemble:
         self.dataset, self.batch, self.device, self.workers = dataset, batch, device, workers
         self.bf16, self.channels_last = bf16, channels_last
         self.sums: list[torch.Tensor] = []
+        self.first: list[torch.Tensor] = []  # the first member's (top-1 class, right?) per batch
         self.count = 0  # members added so far
 
     @torch.no_grad()
     def add(self, model: torch.nn.Module) -> dict:
-        """Add a member; returns its own top-1/top-5 and the ensemble's (all members so far)."""
+        """Add a member; returns its own top-1/top-5, the ensemble's (all members so far), and
+        how it differs from the first member: the share of samples whose top-1 class differs
+        (an ensemble can change only those) and the share it gets right where the first
+        member is wrong (the most an ensemble with it could correct)."""
         was_training = model.training
         model.eval()
-        counts = torch.zeros(5, dtype=torch.float64)  # member top1, top5, ensemble top1, top5, samples
+        # member top1, top5, ensemble top1, top5, samples, disagreements, right where the first is wrong
+        counts = torch.zeros(7, dtype=torch.float64)
         for i, (x, y, _) in enumerate(eval_loader(self.dataset, self.batch, self.device, self.workers)):
             y = y.to(self.device, non_blocking=True)
             probs = forward_eval(model, x, self.device, self.bf16, self.channels_last).softmax(dim=1)
+            pred = probs.argmax(dim=1)
             if self.count == 0:
                 self.sums.append(probs)
+                self.first.append(torch.stack([pred, pred == y]))
             else:
                 self.sums[i] += probs
-            counts += torch.tensor([*topk_hits(probs, y), *topk_hits(self.sums[i], y), len(y)],
-                                   dtype=torch.float64)
+            first_pred, first_right = self.first[i]
+            counts += torch.tensor([*topk_hits(probs, y), *topk_hits(self.sums[i], y), len(y),
+                                    (pred != first_pred).sum().item(),
+                                    ((pred == y) & (first_right == 0)).sum().item()], dtype=torch.float64)
         model.train(was_training)
         self.count += 1
         dist.all_reduce_sum(counts)
         n = max(counts[4].item(), 1.0)
         return {"top1": counts[0].item() / n, "top5": counts[1].item() / n,
                 "ensemble_top1": counts[2].item() / n, "ensemble_top5": counts[3].item() / n,
-                "ensemble_members": self.count, "samples": int(counts[4].item())}
+                "ensemble_members": self.count, "samples": int(counts[4].item()),
+                "disagreement": counts[5].item() / n, "right_where_first_wrong": counts[6].item() / n}
 
     def probabilities(self) -> torch.Tensor:
         """Mean probabilities over the members, this process's samples in order."""
@@ -64,8 +74,9 @@ class RunningEnsemble:
 
 
 def evaluate_snapshots(paths: list[Path], model: torch.nn.Module, ensemble: RunningEnsemble) -> dict:
-    """Every member's accuracy, and the ensemble of the last k members for k = 1..K
-    (members are added from the last to the first, so each prefix is a 'last k')."""
+    """Every member's accuracy and how it differs from the last snapshot, and the ensemble
+    of the last k members for k = 1..K (members are added from the last to the first, so
+    each prefix is a 'last k')."""
     members, ensembles, seconds = [None] * len(paths), [], 0.0
     for i in reversed(range(len(paths))):
         state = checkpoint.load(paths[i])
@@ -77,7 +88,8 @@ def evaluate_snapshots(paths: list[Path], model: torch.nn.Module, ensemble: Runn
         r = ensemble.add(model)
         seconds += time.perf_counter() - t0
         members[i] = {"path": str(paths[i]), "step": state.get("step"), "phase": state.get("phase", {}).get("name"),
-                      "top1": r["top1"], "top5": r["top5"]}
+                      "top1": r["top1"], "top5": r["top5"], "disagrees_with_last": r["disagreement"],
+                      "right_where_last_wrong": r["right_where_first_wrong"]}
         # the inference cost: one forward pass over the evaluation set per member
         ensembles.append({"k": r["ensemble_members"], "top1": r["ensemble_top1"], "top5": r["ensemble_top5"],
                           "forward_passes": r["ensemble_members"], "seconds": seconds})

@@ -50,6 +50,10 @@ def test_ensemble_is_the_mean_of_softmax_probabilities_by_hand():
     assert (want.argmax(1) == Table.labels).tolist() == [True, True, True, True, False, True]
     assert second["ensemble_top1"] == 5 / 6 and first["ensemble_top1"] == first["top1"]
     assert second["ensemble_members"] == 2 and second["samples"] == 6
+    # top-1 classes: a 0 1 1 2 0 2, b 2 1 2 0 2 0: they agree on sample 1 only; a is wrong on
+    # 2, 3 and 4, of which b gets 2 and 3 right
+    assert first["disagreement"] == 0 and first["right_where_first_wrong"] == 0
+    assert second["disagreement"] == 5 / 6 and second["right_where_first_wrong"] == 2 / 6
 
 
 CE = [*TINY, "--steps", "60", "--set", "ensemble.cycles=3", "--set", "data.eval_samples=2000",
@@ -82,6 +86,12 @@ def test_collapsed_ensemble_run_snapshots_ensemble_command_and_mid_cycle_resume(
     # two processes, each sample counted once: the same numbers
     two = json.loads(run_cli("ensemble", *snaps, nproc=2).stdout.strip().splitlines()[-1])
     assert [e["top1"] for e in two["ensembles"]] == [e["top1"] for e in out["ensembles"]]
+    # each member against the last snapshot: the last agrees with itself; the shares are
+    # counts over the whole evaluation set, so two processes give them too
+    assert out["members"][-1]["disagrees_with_last"] == 0 and out["members"][-1]["right_where_last_wrong"] == 0
+    diffs = lambda r: [(m["disagrees_with_last"], m["right_where_last_wrong"]) for m in r["members"]]  # noqa: E731
+    assert diffs(two) == diffs(out)
+    assert all(0 <= right <= agree_not <= 1 for agree_not, right in diffs(out))
 
     # resume in the middle of cycle 2 (step 42), after snapshot 1: the same weights, the same
     # later snapshots, and the running ensemble rebuilt from snapshot 1's file
