@@ -92,8 +92,7 @@ def plan(epochs: float = EPOCHS) -> list[Run]:
     runs = [Run(k, 256, SEEDS[0], epochs) for k in kinds]
     runs += [Run(k, 256, 0, epochs, model="resnet20") for k in ("ordinary", "cosine", "equal")]
     runs += [Run(k, 256, s, epochs, model="resnet20") for s in SEEDS[1:] for k in ("ordinary", "equal")]
-    runs += [Run(k, 256, s, epochs) for k in kinds[:2] for s in SEEDS[1:]]
-    runs += [Run(k, 256, s, epochs) for k in kinds[2:] for s in SEEDS[1:]]
+    runs += [Run(k, 256, s, epochs) for k in kinds for s in SEEDS[1:]]
     runs += [Run(k, 1536, s, epochs) for s in SEEDS for k in ("ordinary", "cosine")]
     return runs
 
@@ -127,23 +126,24 @@ def run_one(run: Run, data: Path, results: Path) -> None:
     (dest / "command.txt").write_text("\n".join(commands) + "\n")
 
 
-def independent_name(batch: int, model: str, seeds: list[int]) -> str:
+def independent_dir(batch: int, model: str) -> Path:
     tag = "" if model == "resnet8" else f"-{model}"
-    return f"independent-b{batch}{tag}-e{EPOCHS:g}-s{''.join(map(str, seeds))}"
+    return RESULTS / f"independent-b{batch}{tag}-e{EPOCHS:g}"
 
 
 def independent_ensembles(runs: list[Run]) -> None:
     """The reference an ensemble inside one budget is up against: the final models of the
     ordinary runs of different seeds as a probability ensemble, at k times the budget
-    (seed 0 last, so its last-k prefixes are seed 0 alone, then with seed 1, ...). Needs
-    the runs' checkpoints on this machine; skipped where they are gone."""
+    (seed 0 last, so its last-k prefixes are seed 0 alone, then with seed 1, ...), taken
+    again when a seed is added. Needs the runs' checkpoints on this machine; skipped where
+    they are gone."""
     for batch, model in {(r.batch, r.model) for r in runs}:
         seeds = sorted(r.seed for r in runs if (r.kind, r.batch, r.model) == ("ordinary", batch, model)
                        and results_of(r) and (RUNS / r.name / "checkpoints/last.pt").exists())
         if len(seeds) < 2:
             continue
-        dest = RESULTS / independent_name(batch, model, seeds)
-        if (dest / "ensemble.json").exists():
+        dest = independent_dir(batch, model)
+        if len((independent_of(batch, model) or {}).get("members", [])) == len(seeds):
             continue
         finals = [RUNS / Run("ordinary", batch, s, EPOCHS, model).name / "checkpoints/last.pt" for s in reversed(seeds)]
         dest.mkdir(parents=True, exist_ok=True)
@@ -153,14 +153,13 @@ def independent_ensembles(runs: list[Run]) -> None:
 
 
 def independent_of(batch: int, model: str) -> dict | None:
-    """The largest finished ensemble of independent ordinary runs for a setting."""
-    found = sorted(RESULTS.glob(independent_name(batch, model, []) + "*/ensemble.json"), key=lambda f: len(f.parent.name))
-    return json.loads(found[-1].read_text()) if found else None
+    f = independent_dir(batch, model) / "ensemble.json"
+    return json.loads(f.read_text()) if f.exists() else None
 
 
 def differs(member: dict) -> str:
-    if "disagrees_with_last" not in member or member["disagrees_with_last"] == 0:
-        return ""
+    if "disagrees_with_last" not in member:
+        return ""  # evaluated before the ensemble command measured it
     return f" [{100 * member['disagrees_with_last']:.1f} / {100 * member['right_where_last_wrong']:.1f}]"
 
 
@@ -216,7 +215,9 @@ def report(runs: list[Run], doc: Path) -> None:
               "|---|---|---|---|---|"]
     for r, res in done.items():
         e = res.get("ensemble")
-        members = ", ".join(f"{m['phase']}: {100 * m['top1']:.2f}" + differs(m) for m in e["members"]) if e else "—"
+        # every member but the last is set against the last
+        members = ", ".join(f"{m['phase']}: {100 * m['top1']:.2f}" + (differs(m) if j < len(e["members"]) - 1 else "")
+                            for j, m in enumerate(e["members"])) if e else "—"
         ens = "; ".join(f"k={x['k']}: {100 * x['top1']:.2f} ({x['forward_passes']}, {x['seconds']:.1f})"
                         for x in e["ensembles"]) if e else "—"
         avg = (f"{100 * e['average']['top1']:.2f} ({e['average']['forward_passes']}, {e['average']['seconds']:.1f})"

@@ -33,7 +33,7 @@ class RunningEnsemble:
         self.dataset, self.batch, self.device, self.workers = dataset, batch, device, workers
         self.bf16, self.channels_last = bf16, channels_last
         self.sums: list[torch.Tensor] = []
-        self.first: list[torch.Tensor] = []  # the first member's (top-1 class, right?) per batch
+        self.first_pred: list[torch.Tensor] = []  # the first member's top-1 class, per batch
         self.count = 0  # members added so far
 
     @torch.no_grad()
@@ -52,13 +52,13 @@ class RunningEnsemble:
             pred = probs.argmax(dim=1)
             if self.count == 0:
                 self.sums.append(probs)
-                self.first.append(torch.stack([pred, pred == y]))
+                self.first_pred.append(pred)
             else:
                 self.sums[i] += probs
-            first_pred, first_right = self.first[i]
+            first = self.first_pred[i]
             counts += torch.tensor([*topk_hits(probs, y), *topk_hits(self.sums[i], y), len(y),
-                                    (pred != first_pred).sum().item(),
-                                    ((pred == y) & (first_right == 0)).sum().item()], dtype=torch.float64)
+                                    (pred != first).sum().item(), ((pred == y) & (first != y)).sum().item()],
+                                   dtype=torch.float64)
         model.train(was_training)
         self.count += 1
         dist.all_reduce_sum(counts)
