@@ -38,7 +38,7 @@ from zero_gamma_short import make_subset
 
 RESULTS = ROOT / "experiments/results/ce_study"
 RUNS = ROOT / "runs/ce_study"
-PARTIAL = RESULTS / "partial"  # unfinished runs' newest checkpoint and snapshots, committed when a session ends
+PARTIAL = RESULTS / "partial"  # unfinished runs' newest checkpoint and snapshots, committed before the machine goes away
 SUBSET, EPOCHS, SEEDS = 20_000, 36, (0, 1, 2)
 # kind: (ensemble.cycle_shape, cycles, other settings). "equal": cosine cycles that all
 # restart at the same peak (Huang et al. restart at the initial LR each time), so the

@@ -6,7 +6,7 @@ first step at which test top-1 reaches a target (steps to target).
 Runs go through the public CLI (one process, 2 threads) into runs/critical_batch/NAME.
 A finished run's summary.json and metrics.jsonl are copied to
 experiments/results/critical_batch/NAME/, which is committed: a run whose results are
-there is never trained again, so the study continues across machines and sessions.
+there is never trained again, so the study continues across machines.
 
     python experiments/critical_batch.py               # train what is missing, in priority order
     python experiments/critical_batch.py --list        # the plan, with what is done
@@ -234,7 +234,7 @@ def results_of(run: Run) -> dict | None:
 
 
 STOP = RUNS / "STOP"  # touch it to end the study after the run in progress (then remove it)
-PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committed when a session ends
+PARTIAL = RESULTS / "partial"  # an unfinished run's newest checkpoint, committed before the machine goes away
 
 
 def run_one(run: Run) -> None:
