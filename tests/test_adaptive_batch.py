@@ -11,7 +11,10 @@ from largebatch import checkpoint
 from largebatch.adaptive_batch import candidates, due, next_batch
 from largebatch.cli import main as cli_main
 from largebatch.config import ConfigError, build_config
+from largebatch.dist import resolve_layout
+from largebatch.noise_scale import batches
 from largebatch.optim.schedule import build_phases, lr_at
+from largebatch.recipes import load_recipe
 
 from conftest import run_cli
 
@@ -107,3 +110,11 @@ def test_one_process_without_accumulation_is_told_what_to_set(tmp_path):
     proc = run_cli("train", *SYNTH, "--micro-batch", "32", "--out", tmp_path / "r", check=False)
     assert proc.returncode != 0 and "adaptive_batch needs the noise scale" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_the_adaptive_recipe_measures_the_noise_scale_in_one_process_or_several(world_size):
+    cfg = build_config(load_recipe("fmnist-adaptive"))
+    lay = resolve_layout(cfg.train, world_size, 0, cfg.model.bn_group_size)
+    assert batches(world_size, lay.accum_steps, lay.micro_batch) is not None
+    assert candidates(cfg) == [128, 256, 512, 1024, 2048, 4096]
