@@ -103,20 +103,33 @@ def allreduce_sweep(sizes: list[int], iters: int = 10) -> dict:
 def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), seconds: float = 1.0) -> float:
     """This process's rate of n x n matrix products in `dtype` on `device` (GFLOP/s,
     2 n^3 per product): the ceiling a training step is measured against. n is 2,048 on
-    a CPU and 8,192 on a GPU, which a smaller product leaves partly idle."""
+    a CPU and 8,192 on a GPU, which a smaller product leaves partly idle. On a CPU a
+    product of the same size is also timed as a 1 x 1 convolution, and the faster counts:
+    torch.mm and the convolutions may go to different libraries, and where the
+    convolutions' is the faster (fp32 on a Zen 5, docs/BENCHMARKS.md) the matrix product
+    alone would put a ResNet's own rate above its ceiling."""
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    products = [lambda: torch.mm(a, b)]
+    if device.type == "cpu":
+        x = a.reshape(1, n, n, 1).contiguous(memory_format=torch.channels_last)
+        w = b.reshape(n, n, 1, 1)
+        products.append(lambda: torch.nn.functional.conv2d(x, w))
+    return max(_rate(product, 2 * n ** 3, device, seconds) for product in products)
+
+
+def _rate(product, flops: int, device: torch.device, seconds: float) -> float:
     for _ in range(2):
-        torch.mm(a, b)
+        product()
     count = 0
     synchronize(device)
     t0 = time.perf_counter()
     while count < 3 or time.perf_counter() - t0 < seconds:
         for _ in range(10 if device.type == "cuda" else 1):  # queue enough work between clock reads
-            torch.mm(a, b)
+            product()
             count += 1
         synchronize(device)
-    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
+    return flops * count / (time.perf_counter() - t0) / 1e9
 
 
 def step_flops(run, batches, loss_fn) -> float:

@@ -4,8 +4,9 @@ import json
 import math
 
 import pytest
+import torch
 
-from largebatch import plan
+from largebatch import bench, plan
 
 from conftest import run_cli
 
@@ -28,6 +29,18 @@ def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path
     a = two["allreduce"]
     assert a["alpha"] >= 0 and a["beta"] > 0 and len(a["points"]) >= 3
     assert png.stat().st_size > 1000
+
+
+def test_the_ceiling_is_the_faster_of_the_matrix_product_and_the_1x1_convolution(monkeypatch):
+    seen = []
+
+    def fake_rate(product, flops, device, seconds):
+        seen.append((flops, product().numel()))
+        return [100.0, 180.0][len(seen) - 1]
+
+    monkeypatch.setattr(bench, "_rate", fake_rate)
+    assert bench.matmul_gflops(torch.float32) == 180.0
+    assert seen == [(2 * 2048 ** 3, 2048 ** 2)] * 2  # two products of the same size
 
 
 def test_ring_tree_and_hierarchical_costs_by_hand():
