@@ -175,27 +175,34 @@ def report(runs: list[Run], doc: Path) -> None:
              "", f"Progress: {len(done)} of {len(runs)} planned runs finished.", ""]
     for batch, model in sorted({(r.batch, r.model) for r in done}, key=lambda bm: (bm[1] != "resnet8", bm)):
         lines += [f"## Global batch {batch}" + ("" if model == "resnet8" else f", {model}"), "",
-                  "| run | single final model | best probability ensemble of k >= 2 (k = forward passes) | weight average (1 pass) | seeds |",
-                  "|---|---|---|---|---|"]
+                  "| run | single final model | best probability ensemble of k >= 2 (k = forward passes) "
+                  "| weight average (1 pass) | best ensemble − ordinary run, paired by seed: mean (each seed) | seeds |",
+                  "|---|---|---|---|---|---|"]
+        ordinary = {r.seed: res["summary"]["top1"] for r, res in done.items()
+                    if (r.batch, r.model, r.kind) == (batch, model, "ordinary")}
         for kind in KINDS:
-            rs = [done[r] for r in runs if (r.batch, r.model, r.kind) == (batch, model, kind) and r in done]
+            rs = {r.seed: done[r] for r in runs if (r.batch, r.model, r.kind) == (batch, model, kind) and r in done}
             if not rs:
                 continue
-            final = mean_spread([x["summary"]["top1"] for x in rs])
-            ens = avg = "—"
-            if kind != "ordinary" and all("ensemble" in x for x in rs):
-                k_max = min(len(x["ensemble"]["ensembles"]) for x in rs)
+            final = mean_spread([x["summary"]["top1"] for x in rs.values()])
+            ens = avg = paired = "—"
+            if kind != "ordinary" and all("ensemble" in x for x in rs.values()):
+                k_max = min(len(x["ensemble"]["ensembles"]) for x in rs.values())
                 # k = 1 is the final model alone: the ensembles start at 2
-                by_k = {k: [x["ensemble"]["ensembles"][k - 1]["top1"] for x in rs] for k in range(2, k_max + 1)}
-                best = max(by_k, key=lambda k: sum(by_k[k]))
-                ens = f"{mean_spread(by_k[best])} (k = {best})"
-                if all("average" in x["ensemble"] for x in rs):
-                    avg = mean_spread([x["ensemble"]["average"]["top1"] for x in rs])
-            lines.append(f"| {kind} | {final} | {ens} | {avg} | {len(rs)} |")
+                by_k = {k: {seed: x["ensemble"]["ensembles"][k - 1]["top1"] for seed, x in rs.items()}
+                        for k in range(2, k_max + 1)}
+                best = max(by_k, key=lambda k: sum(by_k[k].values()))
+                ens = f"{mean_spread(list(by_k[best].values()))} (k = {best})"
+                if all("average" in x["ensemble"] for x in rs.values()):
+                    avg = mean_spread([x["ensemble"]["average"]["top1"] for x in rs.values()])
+                diffs = [100 * (top1 - ordinary[seed]) for seed, top1 in sorted(by_k[best].items()) if seed in ordinary]
+                if diffs:
+                    paired = f"{sum(diffs) / len(diffs):+.2f} ({', '.join(f'{d:+.2f}' for d in diffs)})"
+            lines.append(f"| {kind} | {final} | {ens} | {avg} | {paired} | {len(rs)} |")
         if (ind := independent_of(batch, model)):
             k = ind["ensembles"][-1]
             lines.append(f"| reference: the ordinary runs of {k['k']} seeds as one ensemble ({k['k']}x the budget) | — | "
-                         f"{100 * k['top1']:.2f} (k = {k['k']}) | — | {k['k']} |")
+                         f"{100 * k['top1']:.2f} (k = {k['k']}) | — | — | {k['k']} |")
         lines.append("")
     lines += ["The paper (SC18 authors' run B, ResNet-50 on ImageNet-1K): 77.0 % for the ordinary run, "
               "77.5 % for the Collapsed Ensemble at the same budget (docs/SC18.md). The earlier study on the full "
