@@ -134,8 +134,8 @@ def independent_dir(batch: int, model: str) -> Path:
 def independent_ensembles(runs: list[Run]) -> None:
     """The reference an ensemble inside one budget is up against: the final models of the
     ordinary runs of different seeds as a probability ensemble, at k times the budget
-    (seed 0 last, so its last-k prefixes are seed 0 alone, then with seed 1, ...), taken
-    again when a seed is added. Needs the runs' checkpoints on this machine; skipped where
+    (the lowest seed last, so its last-k prefixes are that seed alone, then with the next,
+    ...), taken again when a seed is added. Needs the runs' checkpoints on this machine; skipped where
     they are gone."""
     for batch, model in {(r.batch, r.model) for r in runs}:
         seeds = sorted(r.seed for r in runs if (r.kind, r.batch, r.model) == ("ordinary", batch, model)

@@ -68,8 +68,8 @@ def main() -> None:
     for _ in range(a.repeats):
         runs["bare"].append(rate(bare))
         runs["largebatch"].append(rate(ours))
-    result = {"model": a.model, "batch": a.batch, "dtype": a.dtype, "channels_last": a.channels_last, "threads": a.threads, "steps": a.steps,
-              "repeats": a.repeats, "bare_images_per_sec": statistics.fmean(runs["bare"]),
+    result = {"model": a.model, "batch": a.batch, "dtype": a.dtype, "channels_last": a.channels_last,
+              "threads": a.threads, "steps": a.steps, "repeats": a.repeats, "bare_images_per_sec": statistics.fmean(runs["bare"]),
               "largebatch_images_per_sec": statistics.fmean(runs["largebatch"]), "runs": runs,
               "ratio_per_repeat": [o / b for o, b in zip(runs["largebatch"], runs["bare"])]}
     result["ratio"] = result["largebatch_images_per_sec"] / result["bare_images_per_sec"]
