@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import ROOT
 from largebatch.noise_scale import NoiseScale
-from critical_batch import CONTROLS, EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of, warmup_epochs
+from critical_batch import CONTROLS, EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of
 
 TARGETS = (0.90, 0.91)
 PAPER = [  # (what, ImageNet batch, top-1 %, source) -- set beside ours by batch / training-set size
@@ -267,7 +267,7 @@ def report(runs: list[Run], doc: Path) -> None:
         n90 = noise_at(metrics, t90) if t90 is not None else None
         top1 = "diverged" if s.get("diverged") else f"{100 * s['top1']:.2f}"
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.seed} | {r.lr:g} | {warmup_epochs(r.batch):g} | {s['steps']} | {top1} | "
+        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.seed} | {r.lr:g} | {r.warmup:g} | {s['steps']} | {top1} | "
                      f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
