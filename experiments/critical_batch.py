@@ -101,6 +101,8 @@ VARIANTS = {
     # and with BN the decay sets the weights' norm, hence the effective step size.
     "wd2x": ["--set", "optim.weight_decay=0.001"],
     "wdhalf": ["--set", "optim.weight_decay=0.00025"],  # and half, since twice cost a point
+    # Linear decay to zero in place of cosine: more of a short budget at a high LR
+    "linear": ["--set", "schedule.decay=linear"],
     # Twice the study's warmup, for an LR above the linear rule's.
     "warm2x": [],  # the warmup itself is set in Run.cli
     # Batch-size control (Smith et al. 2018): from 768, the batch doubles every 4 epochs at a
@@ -146,11 +148,18 @@ P_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 FIRST_SEARCHES = {"": (SMALL, 672, 1536, 3072), "lars": (3072,), "grow3072": (768,)}
 
 
+# Searches started by hand where the others' best steps said where to look: LAMB at
+# 1,536 from LARS's best p there (1) and SGD's (1.25).
+STARTS = {(1536, "lamb"): (1.0, 1.25)}
+
+
 def first_points(batch: int, variant: str) -> list[float]:
     """Where a batch's search starts: the first searches at p = 0.75 and 1; every later
     one at the best p of the nearest of those (in log2, other than the baseline, whose p
     counts doublings) and the quarter below it (larger batches want smaller exponents).
     Read only from the first searches, which are finished, so a search's start never moves."""
+    if (batch, variant) in STARTS:
+        return list(STARTS[batch, variant])
     firsts = [b for b in FIRST_SEARCHES.get(variant, ()) if b != SMALL]
     if batch in FIRST_SEARCHES.get(variant, ()) or not firsts:
         return [0.75, 1.0]
@@ -232,12 +241,12 @@ def plan() -> list[Run]:
     # decay cost a point, so half of it next); LAMB,
     # whose per-weight preconditioning is what lifts the critical batch above SGD's in
     # Zhang et al. 2019, from LARS's best step (p = 1) and SGD's (1.25); then Nesterov,
-    # a longer warmup and label smoothing at SGD's best LR.
+    # linear decay, a longer warmup and label smoothing at SGD's best LR.
     runs += [Run(1536, lr_at(1536, 1.25), variant="wd2x")]
     runs += [Run(1536, lr_at(1536, 1.0, "lamb"), variant="lamb")]
     runs += [Run(1536, lr_at(1536, 1.25), variant="wdhalf")]
-    runs += [Run(1536, lr_at(1536, 1.25, "lamb"), variant="lamb")]
-    runs += [Run(1536, lr_at(1536, 1.25), variant=v) for v in ("nesterov", "warm2x", "ls")]
+    runs += tuned(1536, variant="lamb")  # grown past p = 1.25 while its best is at the edge
+    runs += [Run(1536, lr_at(1536, 1.25), variant=v) for v in ("nesterov", "linear", "warm2x", "ls")]
     for b in (256, 512, 8192, 16384):
         runs += tuned(b)
     # At 3,072 the best (LARS) is over a point below the baseline: a second seed cannot

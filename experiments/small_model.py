@@ -32,13 +32,29 @@ VARIANTS = {  # name: (bf16, BN group, channels_last, compile, flush subnormals,
     "bf16 group32 batch 1024": (True, 32, False, False, False, 1024),
     "bf16 group32 compiled": (True, 32, False, True, False, 256),
     "bf16 plain BN compiled": (True, 0, False, True, False, 256),
+    # the recipes' setting under another allocator or OpenMP wait policy (ENV below)
+    "bf16 group32 jemalloc": (True, 32, False, False, False, 256),
+    "bf16 group32 tcmalloc": (True, 32, False, False, False, 256),
+    "bf16 group32 OpenMP active wait": (True, 32, False, False, False, 256),
+    "bf16 group32 malloc kept": (True, 32, False, False, False, 256),
 }
+LIBS = Path("/usr/lib/x86_64-linux-gnu")
+ENV = {  # what a variant adds to the worker's environment
+    "bf16 group32 jemalloc": {"LD_PRELOAD": str(LIBS / "libjemalloc.so.2")},
+    "bf16 group32 tcmalloc": {"LD_PRELOAD": str(LIBS / "libtcmalloc_minimal.so.4")},
+    "bf16 group32 OpenMP active wait": {"OMP_WAIT_POLICY": "ACTIVE"},
+}
+KEEP_MALLOC = {"bf16 group32 malloc kept"}  # largebatch.malloc.keep_freed_memory(), as training does
 
 
 def measure(bf16: bool, group: int, channels_last: bool, compiled: bool, flush: bool, batch: int,
-            images: int) -> dict:
+            images: int, keep_malloc: bool = False) -> dict:
     """Images/s of the bare training loop, after warm-up (and compile)."""
     import torch
+
+    from largebatch.malloc import keep_freed_memory
+    if keep_malloc:
+        assert keep_freed_memory(), "this C library has no mallopt"
 
     from largebatch.config import build_config
     from largebatch.models import build_model
@@ -80,7 +96,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(measure(*VARIANTS[args.worker], args.images)))
+        print(json.dumps(measure(*VARIANTS[args.worker], args.images, args.worker in KEEP_MALLOC)))
         return
     sys.path.insert(0, str(ROOT))
     from common import hardware  # noqa: E402
@@ -88,8 +104,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names:
+            env = {**os.environ, "PYTHONPATH": str(ROOT), **ENV.get(name, {})}
             out = subprocess.run([sys.executable, __file__, "--worker", name, "--images", str(args.images)],
-                                 capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                 capture_output=True, text=True, cwd=ROOT, env=env)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))

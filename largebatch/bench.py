@@ -69,7 +69,7 @@ def bench_config(spec: dict, procs: int):
                  "synthetic_channels": spec["channels"], "synthetic_samples": b * procs * 8, "workers": 0},
         "train": {"global_batch": b * procs, "micro_batch": b, "bf16": spec["dtype"] == "bf16",
                   "channels_last": spec["channels_last"], "threads": spec["threads"],
-                  "compile": spec.get("compile", False),
+                  "compile": spec.get("compile", False), "keep_freed_memory": spec.get("keep_freed_memory", True),
                   "steps": spec["warmup"] + 1 + spec["steps"] * spec["repeats"]},  # + the counted step
         # PowerSGD compresses from the 3rd step: the warm-up steps also warm its factors
         "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False),
@@ -207,7 +207,8 @@ def worker(spec: dict, out: Path) -> None:
 
 def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int = 2, repeats: int = 3,
           dtype: str = "fp32", threads: int = 0, procs: list[int] = (1,), image_size: int = 224,
-          channels_last: bool = False, mode: str = "weak", allreduce: bool = True, compile: bool = False) -> dict:
+          channels_last: bool = False, mode: str = "weak", allreduce: bool = True, compile: bool = False,
+          keep_freed_memory: bool = True) -> dict:
     """Measure each process count; weak scaling keeps `batch` per process, strong scaling
     keeps the global batch batch * max(procs)."""
     from .models import CIFAR
@@ -218,11 +219,12 @@ def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int 
         spec = {"model": model, "batch": per_proc, "steps": steps, "warmup": warmup, "repeats": repeats,
                 "dtype": dtype, "threads": threads or max(1, dist.usable_cores() // p), "image_size": 32 if cifar else image_size,
                 "classes": 10 if cifar else 1000, "channels": 3, "channels_last": channels_last,
-                "allreduce": allreduce, "compile": compile}
+                "allreduce": allreduce, "compile": compile, "keep_freed_memory": keep_freed_memory}
         runs.append(launch(spec, p))
     base = runs[0]["images_per_sec"] / runs[0]["procs"]
     result = {"model": model, "batch_per_process": batch, "dtype": dtype, "image_size": image_size,
-              "channels_last": channels_last, "compile": compile, "mode": mode, "cores": dist.usable_cores(),
+              "channels_last": channels_last, "compile": compile, "keep_freed_memory": keep_freed_memory,
+              "mode": mode, "cores": dist.usable_cores(),
               "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
               "breakdown": runs[0]["breakdown"], "runs": runs,
               "flops_per_image": runs[0]["flops_per_image"], "matmul_gflops": runs[0].get("matmul_gflops"),

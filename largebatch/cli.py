@@ -186,7 +186,8 @@ def cmd_bench(args) -> None:
     from .bench import bench, plot
     procs = [int(p) for p in args.procs.split(",")]
     r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, procs,
-              args.image_size, args.channels_last, args.mode, compile=args.compile)
+              args.image_size, args.channels_last, args.mode, compile=args.compile,
+              keep_freed_memory=not args.system_malloc)
     print(f"{r['model']} {r['dtype']}, batch {r['batch_per_process']} per process ({r['mode']} scaling):")
     for run, s in zip(r["runs"], r["scaling"]):
         b = run["breakdown"]
@@ -452,6 +453,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the model (the warmup steps include the compile time)")
+    b.add_argument("--system-malloc", action="store_true",
+                   help="leave malloc as the C library sets it (train.keep_freed_memory=false)")
     b.add_argument("--out", help="write the JSON here")
     b.add_argument("--plot", help="write a PNG here")
     b.set_defaults(func=cmd_bench)

@@ -244,6 +244,9 @@ class TrainConfig:
     threads: int = 0
     """torch threads per process; 0 = OMP_NUM_THREADS if set, else the cores this process
     may use / processes on this node."""
+    keep_freed_memory: bool = True
+    """Keep freed memory in the process rather than returning it to the kernel after
+    every step (glibc's malloc; largebatch/malloc.py). False = the C library's default."""
     eval_every_epochs: float = 1.0
     eval_batch: int = 500
     log_every_steps: int = 10

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import adaptive_batch, autotune, checkpoint, dist, ensemble, grad_sync, noise_scale, runlog
+from . import adaptive_batch, autotune, checkpoint, dist, ensemble, grad_sync, malloc, noise_scale, runlog
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .errors import Diverged, UserError
 from .rundir import RunLock, open_run_dir
@@ -160,6 +160,8 @@ def build(cfg: Config, out: Path) -> Run:
     device = pick_device(info)
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     set_threads(cfg.train.threads, info)
+    if cfg.train.keep_freed_memory:
+        malloc.keep_freed_memory()
     cfg = resolve_auto(cfg, device)
     t = cfg.train
     if cfg.adaptive_batch.max_batch and t.micro_batch is None and t.global_batch % info.world_size == 0:

@@ -1,0 +1,38 @@
+"""Keep freed memory in the process instead of handing it back to the kernel every step.
+
+glibc's malloc serves blocks above its mmap threshold with mmap and gives them back with
+munmap when freed, and trims the top of the heap when enough of it is free. A training
+step frees and reallocates the same activations every step, so by default each step
+pays page faults (and the kernel's zeroing) for memory it had a moment ago. Raising the
+mmap threshold to its ceiling (32 MiB on 64-bit systems) and the trim threshold out of
+reach keeps that memory in the heap, where the next step finds it. The price is a
+process that holds on to its peak heap, which a training process does anyway.
+
+Only glibc has mallopt with these meanings; elsewhere (macOS, musl) nothing changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit: larger values are refused
+TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's thresholds for this process (and the processes it forks later).
+    True when they were set, False where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p  # glibc only
+        libc.gnu_get_libc_version()
+    except (OSError, AttributeError):
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                         TRIM_NEVER))
