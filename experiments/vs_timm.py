@@ -52,6 +52,12 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path) -> dict[str, tupl
         "largebatch shards same": (lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb, "--out", str(work / "lbs")], 16),
         "largebatch same loading in the training process": (
             lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], 16),
+        # timm with glibc told to keep freed memory, as largebatch does by default
+        # (train.keep_freed_memory): what the same allocator setting is worth to timm
+        "timm same malloc kept": (tm + ["-b", "16", "-j", "1", "--amp", "--amp-dtype", "bfloat16", "--channels-last",
+                                        "--color-jitter", "0"], 16),
+        "largebatch same system malloc": (lb + ["--data", str(tree), *same_lb, "--set", "train.keep_freed_memory=false",
+                                                "--out", str(work / "lb")], 16),
         "timm defaults": (tm + ["-b", "32"], 32),
         "largebatch defaults": (lb + ["--data", str(tree), "--global-batch", "32", "--steps", "12",
                                       "--out", str(work / "lbd")], 32),
@@ -69,9 +75,14 @@ def step_seconds(cmd: list[str], output: str) -> list[float]:
     return [r["step_seconds"] for r in map(json.loads, lines) if "step_seconds" in r]
 
 
+ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
+                                                  "glibc.malloc.trim_threshold=2147483647"}}
+
+
 def run(name: str, cmd: list[str], batch: int, warmup: int, work: Path, timm: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # every run starts without the last one's output
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(timm), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(timm), os.environ.get("PYTHONPATH")])),
+           **ENV.get(name, {})}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - t0
