@@ -201,8 +201,7 @@ def worker(spec: dict, out: Path) -> None:
         result["allreduce"] = allreduce_sweep([s for s in sizes if s <= max(grad_bytes, bucket)])
     if dist.info().is_main:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()  # nobody closes its connections while another process is still reducing
-    dist.shutdown()
+    dist.shutdown(together=True)  # nobody closes its connections while another process is still reducing
 
 
 def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int = 2, repeats: int = 3,
@@ -261,3 +260,4 @@ def plot(result: dict, path: Path) -> None:
 
 if __name__ == "__main__":
     worker(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    dist.exit_after_group()

@@ -43,6 +43,7 @@ def cmd_train(args) -> None:
                           f"it, or choose another --out")
     try:
         train(cfg, out, resume=args.resume, allow_config_change=args.allow_config_change)
+        dist.shutdown(together=True)
     finally:
         # Leave the process group before the interpreter exits: torn down by exit instead,
         # gloo's threads can abort the process after a finished run ("terminate called
@@ -104,7 +105,7 @@ def cmd_eval(args) -> None:
                       bf16=cfg.train.bf16, channels_last=cfg.train.channels_last)
     _emit({"checkpoint": str(args.checkpoint), "step": state.get("step"), **result,
            "skipped_files": getattr(val, "skipped_files", [])}, None, info.is_main)
-    dist.shutdown()
+    dist.shutdown(together=True)
 
 
 def cmd_ensemble(args) -> None:
@@ -121,7 +122,7 @@ def cmd_ensemble(args) -> None:
     if args.average:
         result["average"] = _average(paths, Path(args.average), args, cfg, device, info, val, model)
     _emit(result, args.out, info.is_main)
-    dist.shutdown()
+    dist.shutdown(together=True)
 
 
 def _average(paths, dest: Path, args, cfg, device, info, val, model) -> dict:
@@ -499,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         args.func(args)
+        from . import dist
+        dist.exit_after_group()
     except (UserError, FileNotFoundError, UnreadableImage) as e:
         if args.debug:
             raise
