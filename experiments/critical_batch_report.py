@@ -38,6 +38,17 @@ def noise_at(lines: list[dict], step: int | None) -> float | None:
     return logged[-1]["noise_scale"] if logged else None
 
 
+def final_train_loss(lines: list[dict]) -> float | None:
+    """Mean training loss logged over the last 5 % of the steps: how far the run fitted
+    the training set, set beside its test accuracy (underfitting or overfitting)."""
+    logged = [x for x in lines if "loss" in x and not x.get("eval")]
+    if not logged:
+        return None
+    end = max(x["step"] for x in logged)
+    tail = [x["loss"] for x in logged if x["step"] > 0.95 * end]
+    return statistics.fmean(tail)
+
+
 def over_seeds(done: list, run: Run) -> list[float]:
     """Test top-1 of every finished seed of `run`'s setting (batch, LR, variant)."""
     return [res["summary"]["top1"] for q, res in done if replace(q, seed=0) == replace(run, seed=0)]
@@ -257,8 +268,9 @@ def report(runs: list[Run], doc: Path) -> None:
              f"stopped (`python experiments/critical_batch.py`).", "",
              "## Every finished run", "",
              "| global batch | variant | seed | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
-             "steps to 91 % | B_simple at 90 % | B_simple, last logged | CPU | wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "steps to 91 % | training loss, last 5 % of steps | B_simple at 90 % | B_simple, last logged | CPU | "
+             "wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr, rv[0].seed)):
         s, ev = res["summary"], res["evals"]
         metrics = metrics_of(r)
@@ -268,7 +280,8 @@ def report(runs: list[Run], doc: Path) -> None:
         top1 = "diverged" if s.get("diverged") else f"{100 * s['top1']:.2f}"
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
         lines.append(f"| {r.batch} | {r.variant or '—'} | {r.seed} | {r.lr:g} | {r.warmup:g} | {s['steps']} | {top1} | "
-                     f"{fmt(t90)} | {fmt(t91)} | {fmt(n90)} | {fmt(noise_at(metrics, None))} | {cpu} | "
+                     f"{fmt(t90)} | {fmt(t91)} | {fmt(final_train_loss(metrics), 3)} | {fmt(n90)} | "
+                     f"{fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
     lines += ["", "## Best LR per batch", ""]
     if base:
