@@ -172,11 +172,9 @@ def init(device: torch.device, info: DistInfo | None = None, interface: str = "a
 
 
 def shutdown(together: bool = False) -> None:
-    """Leave the process group. `together` (after a run that ended normally on every
-    process): wait for every process first, since one that closes its connections while
-    a peer is still in a collective can leave gloo's threads to abort the peer at exit
-    ("terminate called without an active exception"). Not after an error, where the
-    others may never arrive."""
+    """Leave the process group. `together` (after a command that ended normally on every
+    process): wait for every process first, so that none closes its connections while a
+    peer is still in a collective. Not after an error, where the others may never arrive."""
     if td.is_initialized():
         if together:
             barrier()
