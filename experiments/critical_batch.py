@@ -67,7 +67,7 @@ class Run:
 
     @property
     def warmup(self) -> float:
-        return warmup_epochs(self.batch) * (2 if self.variant == "warm2x" else 1)
+        return warmup_epochs(self.batch) * WARMUP_SCALE.get(self.variant, 1)
 
     def cli(self) -> list[str]:
         # Bounded memory, and at least two micro-batches so that every run measures the
@@ -103,8 +103,7 @@ VARIANTS = {
     "wdhalf": ["--set", "optim.weight_decay=0.00025"],  # and half, since twice cost a point
     # Linear decay to zero in place of cosine: more of a short budget at a high LR
     "linear": ["--set", "schedule.decay=linear"],
-    # Twice the study's warmup, for an LR above the linear rule's.
-    "warm2x": [],  # the warmup itself is set in Run.cli
+    "warm2x": [],  # twice the study's warmup (WARMUP_SCALE), for an LR above the linear rule's
     # Batch-size control (Smith et al. 2018): from 768, the batch doubles every 4 epochs at a
     # constant LR, the doubling standing in for the decay; the last phase decays to zero.
     "grow3072": ["--set", "phases=[{name: b768, epochs: 4, decay: constant, warmup_epochs: 0.93, snapshot: false}, "
@@ -124,6 +123,7 @@ CONTROLS = ("grow3072", "adaptive", "adaptive4")  # variants whose batch changes
 # LAMB's LR is the fraction of its weights a layer moves per step, as LARS's LR times its
 # trust coefficient is: its grid is LARS's times 0.02, so both search the same steps.
 LR_SCALE = {"lamb": 0.02}
+WARMUP_SCALE = {"warm2x": 2}  # variants whose warmup is a multiple of the study's
 
 
 def lr_at(batch: int, p: float, variant: str = "") -> float:

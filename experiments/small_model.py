@@ -52,12 +52,11 @@ def measure(bf16: bool, group: int, channels_last: bool, compiled: bool, flush: 
     """Images/s of the bare training loop, after warm-up (and compile)."""
     import torch
 
+    from largebatch.config import build_config
     from largebatch.malloc import keep_freed_memory
+    from largebatch.models import build_model
     if keep_malloc:
         assert keep_freed_memory(), "this C library has no mallopt"
-
-    from largebatch.config import build_config
-    from largebatch.models import build_model
     if flush:
         torch.set_flush_denormal(True)
     cfg = build_config({"model": {"name": "resnet8", "zero_init_gamma": "none", "bn_group_size": group}})

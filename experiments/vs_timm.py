@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, hardware
+from largebatch.malloc import TUNABLES
 
 PER_CLASS = 40  # 400 training images: 25 steps of 16, 12 of 32
 
@@ -75,8 +76,7 @@ def step_seconds(cmd: list[str], output: str) -> list[float]:
     return [r["step_seconds"] for r in map(json.loads, lines) if "step_seconds" in r]
 
 
-ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
-                                                  "glibc.malloc.trim_threshold=2147483647"}}
+ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": TUNABLES}}
 
 
 def run(name: str, cmd: list[str], batch: int, warmup: int, work: Path, timm: Path) -> dict:

@@ -57,7 +57,7 @@ def _eval_setup(state: dict, data: str | None):
     from .config import Config, from_dict
     from .data import build_dataset
     from .models import build_model
-    from .train import pick_device, set_threads
+    from .train import pick_device, prepare_process
 
     cfg = from_dict(Config, state["config"])
     if data is not None:
@@ -65,7 +65,7 @@ def _eval_setup(state: dict, data: str | None):
     info = dist.from_env()
     device = pick_device(info)
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
-    set_threads(cfg.train.threads, info)
+    prepare_process(cfg.train, info)
     val = build_dataset(cfg.data, "val", cfg.train.seed)
     trained_on = state.get("class_names")
     if trained_on is not None and list(val.class_names) != list(trained_on):

@@ -13,25 +13,29 @@ Only glibc has mallopt with these meanings; elsewhere (macOS, musl) nothing chan
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit: larger values are refused
 TRIM_NEVER = 2**31 - 1  # mallopt takes an int
+# The same thresholds for a process started under them (what GLIBC_TUNABLES takes)
+TUNABLES = f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:glibc.malloc.trim_threshold={TRIM_NEVER}"
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's own C library (already loaded: no search for it) when it is glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
 def keep_freed_memory() -> bool:
     """Set glibc's thresholds for this process (and the processes it forks later).
     True when they were set, False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version.restype = ctypes.c_char_p  # glibc only
-        libc.gnu_get_libc_version()
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD,

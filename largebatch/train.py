@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import adaptive_batch, autotune, checkpoint, dist, ensemble, grad_sync, malloc, noise_scale, runlog
-from .config import Config, ConfigError, dump_yaml, to_dict
+from .config import Config, ConfigError, TrainConfig, dump_yaml, to_dict
 from .errors import Diverged, UserError
 from .rundir import RunLock, open_run_dir
 from .data import build_dataset, data_channels, data_image_size, default_workers, make_loader, model_input, shards
@@ -43,13 +43,14 @@ def pick_device(info: dist.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def set_threads(requested: int, info: dist.DistInfo) -> int:
-    """train.threads, else OMP_NUM_THREADS, else this process's share of its cores."""
-    cores = dist.usable_cores()
+def prepare_process(t: TrainConfig, info: dist.DistInfo) -> None:
+    """This process's threads (train.threads, else OMP_NUM_THREADS, else its share of the
+    node's cores) and allocator (train.keep_freed_memory)."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    threads = requested or (omp.isdigit() and int(omp)) or max(1, cores // info.local_world_size)
-    torch.set_num_threads(threads)
-    return threads
+    torch.set_num_threads(t.threads or (omp.isdigit() and int(omp)) or
+                          max(1, dist.usable_cores() // info.local_world_size))
+    if t.keep_freed_memory:
+        malloc.keep_freed_memory()
 
 
 @dataclass
@@ -159,9 +160,7 @@ def build(cfg: Config, out: Path) -> Run:
     info = dist.from_env()
     device = pick_device(info)
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
-    set_threads(cfg.train.threads, info)
-    if cfg.train.keep_freed_memory:
-        malloc.keep_freed_memory()
+    prepare_process(cfg.train, info)
     cfg = resolve_auto(cfg, device)
     t = cfg.train
     if cfg.adaptive_batch.max_batch and t.micro_batch is None and t.global_batch % info.world_size == 0:

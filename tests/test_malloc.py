@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from largebatch.malloc import keep_freed_memory
+from largebatch.malloc import glibc
 
 # Four 8 MiB blocks allocated, written and freed, ten times over, as a step's activations
 # are; the page faults of the last ten rounds are counted.
@@ -36,10 +36,8 @@ def page_faults(mode: str) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.skipif(glibc() is None, reason="glibc's malloc")
 def test_freed_memory_is_reused_without_page_faults():
-    if not keep_freed_memory():
-        pytest.skip("the C library is not glibc")
     pages = 10 * 4 * (8 << 20) // 4096
     assert page_faults("keep") < 0.02 * pages
     # what it is kept from: the C library's default gives the memory back every round
