@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import ROOT
 from largebatch.noise_scale import NoiseScale
-from critical_batch import CONTROLS, EPOCHS, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of
+from critical_batch import CONTROLS, EPOCHS, LONG, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of
 
 TARGETS = (0.90, 0.91)
 PAPER = [  # (what, ImageNet batch, top-1 %, source) -- set beside ours by batch / training-set size
@@ -246,8 +246,39 @@ def control_table(done: list, base: Run) -> list[str]:
     return lines
 
 
+def long_table(done: list, long: list) -> list[str]:
+    """The long budget: per setting (batch, LR, variant), the mean over seeds against the
+    baseline's mean at the same budget, beside the same setting's mean at 12 epochs, with
+    the training loss that says how far each fitted."""
+    if not long:
+        return []
+    settings = list(dict.fromkeys(replace(r, seed=0) for r, _ in long))
+    base = next((s for s in settings if s.batch == SMALL and not s.variant), None)
+    m_base = statistics.fmean(over_seeds(long, base)) if base else None
+    lines = ["", f"## A longer budget: {LONG} epochs", "",
+             f"The same recipes at {LONG} epochs, the largest budget the study allows: the baseline and, per "
+             f"target batch, the best recipe of its {EPOCHS}-epoch search, the LR and warmup (in epochs) as "
+             f"tuned at {EPOCHS} epochs, cosine decay over the whole budget. Evaluated every epoch.", "",
+             "| global batch | variant | peak LR | steps | test top-1 per seed (%) | mean (seeds) | "
+             f"vs baseline mean at {LONG} epochs | mean at {EPOCHS} epochs, same setting | "
+             "training loss, last 5 % of steps (per seed) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in sorted(settings, key=lambda r: r.batch):
+        seeds = [(r, res) for r, res in long if replace(r, seed=0) == s]
+        top1 = [res["summary"]["top1"] for _, res in seeds]
+        short = over_seeds(done, replace(s, epochs=EPOCHS))
+        vs = f"{100 * (statistics.fmean(top1) - m_base):+.2f}" if m_base is not None else "—"
+        losses = ", ".join(f"{v:.3f}" for r, _ in seeds if (v := final_train_loss(metrics_of(r))) is not None)
+        lines.append(f"| {s.batch} | {s.variant or '—'} | {s.lr:g} | {seeds[0][1]['summary']['steps']} | "
+                     f"{', '.join(f'{100 * v:.2f}' for v in top1)} | {100 * statistics.fmean(top1):.2f} ({len(top1)}) | "
+                     f"{vs} | {f'{100 * statistics.fmean(short):.2f} ({len(short)})' if short else '—'} | {losses} |")
+    return lines
+
+
 def report(runs: list[Run], doc: Path) -> None:
-    done = [(r, res) for r in runs if (res := results_of(r))]
+    finished = [(r, res) for r in runs if (res := results_of(r))]
+    # Everything but the long-budget section compares runs of the study's own budget.
+    done = [(r, res) for r, res in finished if r.epochs == EPOCHS]
+    long = [(r, res) for r, res in finished if r.epochs != EPOCHS]
     missing = [r for r in runs if not results_of(r)]
     by_batch: dict[int, list] = {}  # the study recipe's LR searches (seed 0); variants get their own table
     for r, res in done:
@@ -264,14 +295,14 @@ def report(runs: list[Run], doc: Path) -> None:
              f"with 2 threads; the peak LR tuned per batch on a grid from the square-root to the linear rule "
              f"(see the script's docstring). Steps to target = the first evaluation (every quarter or half "
              f"epoch) at or above the target test top-1.", "",
-             f"Progress: {len(done)} of {len(runs)} planned runs finished; the study continues where it "
+             f"Progress: {len(finished)} of {len(runs)} planned runs finished; the study continues where it "
              f"stopped (`python experiments/critical_batch.py`).", "",
              "## Every finished run", "",
-             "| global batch | variant | seed | peak LR | warmup (epochs) | steps | test top-1 (%) | steps to 90 % | "
-             "steps to 91 % | training loss, last 5 % of steps | B_simple at 90 % | B_simple, last logged | CPU | "
-             "wall (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r, res in sorted(done, key=lambda rv: (rv[0].variant, rv[0].batch, rv[0].lr, rv[0].seed)):
+             "| global batch | variant | epochs | seed | peak LR | warmup (epochs) | steps | test top-1 (%) | "
+             "steps to 90 % | steps to 91 % | training loss, last 5 % of steps | B_simple at 90 % | "
+             "B_simple, last logged | CPU | wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, res in sorted(finished, key=lambda rv: (rv[0].variant, rv[0].epochs, rv[0].batch, rv[0].lr, rv[0].seed)):
         s, ev = res["summary"], res["evals"]
         metrics = metrics_of(r)
         cpu = json.loads((RESULTS / r.name / "run.json").read_text()).get("cpu", "?")
@@ -279,7 +310,7 @@ def report(runs: list[Run], doc: Path) -> None:
         n90 = noise_at(metrics, t90) if t90 is not None else None
         top1 = "diverged" if s.get("diverged") else f"{100 * s['top1']:.2f}"
         fmt = lambda v, d=0: "—" if v is None else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.seed} | {r.lr:g} | {r.warmup:g} | {s['steps']} | {top1} | "
+        lines.append(f"| {r.batch} | {r.variant or '—'} | {r.epochs:g} | {r.seed} | {r.lr:g} | {r.warmup:g} | {s['steps']} | {top1} | "
                      f"{fmt(t90)} | {fmt(t91)} | {fmt(final_train_loss(metrics), 3)} | {fmt(n90)} | "
                      f"{fmt(noise_at(metrics, None))} | {cpu} | "
                      f"{s['wall_seconds']:.0f} |")
@@ -345,6 +376,7 @@ def report(runs: list[Run], doc: Path) -> None:
     if base:
         lines += prediction_table(done, base[0])
         lines += control_table(done, base[0])
+    lines += long_table(done, long)
     variants = [(r, res) for r, res in done if r.variant]
     if variants:
         lines += ["", "## Recipe variants and batch-size control", "",
