@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import ROOT
 from largebatch.noise_scale import NoiseScale
-from critical_batch import CONTROLS, EPOCHS, LONG, RESULTS, SMALL, SMALL_LR, Run, lr_at, results_of
+from critical_batch import CONTROLS, EPOCHS, LONG, RESULTS, SMALL, SMALL_LR, Run, best_run, lr_at, results_of
 
 TARGETS = (0.90, 0.91)
 PAPER = [  # (what, ImageNet batch, top-1 %, source) -- set beside ours by batch / training-set size
@@ -51,7 +51,8 @@ def final_train_loss(lines: list[dict]) -> float | None:
 
 def over_seeds(done: list, run: Run) -> list[float]:
     """Test top-1 of every finished seed of `run`'s setting (batch, LR, variant)."""
-    return [res["summary"]["top1"] for q, res in done if replace(q, seed=0) == replace(run, seed=0)]
+    same = replace(run, seed=0).name  # by name: the script's plan and this module's Run are two classes
+    return [res["summary"]["top1"] for q, res in done if replace(q, seed=0).name == same]
 
 
 def every_recipe(done: list) -> dict[int, list]:
@@ -253,12 +254,15 @@ def long_table(done: list, long: list) -> list[str]:
     if not long:
         return []
     settings = list(dict.fromkeys(replace(r, seed=0) for r, _ in long))
-    base = next((s for s in settings if s.batch == SMALL and not s.variant), None)
+    base = best_run(SMALL, epochs=LONG)
     m_base = statistics.fmean(over_seeds(long, base)) if base else None
     lines = ["", f"## A longer budget: {LONG} epochs", "",
              f"The same recipes at {LONG} epochs, the largest budget the study allows: the baseline and, per "
-             f"target batch, the best recipe of its {EPOCHS}-epoch search, the LR and warmup (in epochs) as "
-             f"tuned at {EPOCHS} epochs, cosine decay over the whole budget. Evaluated every epoch.", "",
+             f"target batch, the best recipe of its {EPOCHS}-epoch search, the warmup in epochs as at "
+             f"{EPOCHS}, cosine decay over the whole budget, evaluated every epoch. The LR searched again "
+             f"from the {EPOCHS}-epoch best and the quarter below on the same grid, growing toward the better "
+             f"edge; the second seed at the best LR of the first. Baseline: the best {SMALL} run at "
+             f"{LONG} epochs (seed 0), its mean over seeds.", "",
              "| global batch | variant | peak LR | steps | test top-1 per seed (%) | mean (seeds) | "
              f"vs baseline mean at {LONG} epochs | mean at {EPOCHS} epochs, same setting | "
              "training loss, last 5 % of steps (per seed) |", "|---|---|---|---|---|---|---|---|---|"]
