@@ -95,10 +95,11 @@ class Run:
         return args + VARIANTS[self.variant]
 
 
+LARS = ["--set", "optim.name=lars", "--set", "optim.lars_trust=0.02"]
 VARIANTS = {
     "": [],
     "zerogamma": ["--set", "model.zero_init_gamma=all"],
-    "lars": ["--set", "optim.name=lars", "--set", "optim.lars_trust=0.02"],
+    "lars": LARS,
     "lamb": ["--set", "optim.name=lamb"],
     "ls": ["--set", "optim.label_smoothing=0.1"],
     "nesterov": ["--set", "optim.nesterov=true"],
@@ -110,7 +111,7 @@ VARIANTS = {
     # Linear decay to zero in place of cosine: more of a short budget at a high LR
     "linear": ["--set", "schedule.decay=linear"],
     "warm2x": [],  # twice the study's warmup (WARMUP_SCALE), for an LR above the linear rule's
-    "lars-warm2x": ["--set", "optim.name=lars", "--set", "optim.lars_trust=0.02"],  # LARS, twice the warmup
+    "lars-warm2x": LARS,  # and twice the warmup (WARMUP_SCALE)
     # Batch-size control (Smith et al. 2018): from 768, the batch doubles every 4 epochs at a
     # constant LR, the doubling standing in for the decay; the last phase decays to zero.
     "grow3072": ["--set", "phases=[{name: b768, epochs: 4, decay: constant, warmup_epochs: 0.93, snapshot: false}, "
@@ -172,7 +173,10 @@ def first_points(batch: int, variant: str, epochs: float = EPOCHS) -> list[float
     At the long budget: the same batch's best p at 12 epochs and the quarter below (a
     longer run wants a lower LR, if any)."""
     if epochs != EPOCHS:
-        p = p_of(best_run(batch, variant))
+        best = best_run(batch, variant)
+        if best is None:
+            return [0.75, 1.0]
+        p = p_of(best)
         return [q for q in (p - 0.25, p) if q >= P_GRID[0]]
     if (batch, variant) in STARTS:
         return list(STARTS[batch, variant])
@@ -270,15 +274,11 @@ def plan() -> list[Run]:
     runs += tuned(1536, variant="nesterov")
     # From 1,536 up every knob tried still underfits: 12 epochs give 1,536 468 steps, where
     # the 32K ImageNet records took about 3,500 (90 epochs). The targets again at the
-    # largest budget the study allows, 30 epochs: the baseline and each target batch's best
-    # 12-epoch recipe (two seeds at 1,536, Nesterov; LARS at 3,072), the LR searched
-    # again from its 12-epoch best (at that LR the baseline ended at a third of its 12-epoch
-    # training loss and 0.16 point lower, 1,536 where it ended at 12); the baseline first,
-    # as every comparison needs it, 672 last (met at 12).
-    # At 30 epochs Nesterov at 1,536 either overfits (LR 1.2: training loss 0.03, 92.31 %)
-    # or is unstable (2.23: collapses to 15 % at epoch 13, ends at 92.39 %), while LARS at
-    # 3,072 is stable at its LR and ends at 92.56 %: LARS at 1,536 (the 32K records' optimizer)
-    # before Nesterov's search is carried on, the second seeds after both.
+    # largest budget the study allows, 30 epochs, each LR searched again from its 12-epoch
+    # best: the baseline first, as every comparison needs it, then LARS at 3,072 and 1,536,
+    # their second seeds, Nesterov at 1,536 (the best 12-epoch recipe there, but at 30
+    # epochs it overfits at LR 1.2, 92.31 %, and is unstable at 2.23, 92.39 %), 672 last
+    # (met at 12).
     long = [(SMALL, ""), (3072, "lars"), (1536, "lars")]
     runs += [r for b, v in long for r in tuned(b, variant=v, epochs=LONG)]
     runs += [r for b, v in long for r in tuned(b, seed=1, variant=v, epochs=LONG)]

@@ -283,7 +283,7 @@ def report(runs: list[Run], doc: Path) -> None:
     # Everything but the long-budget section compares runs of the study's own budget.
     done = [(r, res) for r, res in finished if r.epochs == EPOCHS]
     long = [(r, res) for r, res in finished if r.epochs != EPOCHS]
-    missing = [r for r in runs if not results_of(r)]
+    missing = [r for r in runs if r not in {q for q, _ in finished}]
     by_batch: dict[int, list] = {}  # the study recipe's LR searches (seed 0); variants get their own table
     for r, res in done:
         if not r.variant and r.seed == 0:
