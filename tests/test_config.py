@@ -1,3 +1,6 @@
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -121,3 +124,24 @@ def test_powersgd_is_refused_with_what_it_cannot_compress():
         with pytest.raises(ConfigError, match="dist.powersgd_rank compresses the bucketed all-reduce"):
             build_config({}, ["dist.powersgd_rank=2", other])
     assert build_config({}, ["dist.powersgd_rank=2"]).dist.powersgd_rank == 2
+
+
+@pytest.mark.parametrize("recipe,run", [
+    ("fmnist-lars", "b1536-lr2.233-lars-e30-s0"),
+    ("fmnist-lars-3072", "b3072-lr2.4-lars-warm2x-e30-s0"),
+])
+def test_study_recipes_equal_the_runs_they_come_from(recipe, run):
+    # A recipe that claims a study result must train what the study trained: every key of
+    # the committed run's config but its description, logging and the measured auto choices.
+    path = Path(__file__).parents[1] / "experiments/results/critical_batch" / run / "config.yaml"
+    ran = yaml.safe_load(path.read_text())
+    built = asdict(build_config(load_recipe(recipe)))
+
+    def flat(d, pre=""):
+        for k, v in d.items():
+            yield from flat(v, f"{pre}{k}.") if isinstance(v, dict) else [(pre + k, v)]
+
+    skip = {"description", "train.eval_batch", "train.log_every_steps", "train.channels_last", "train.compile"}
+    ran, built = dict(flat(ran)), dict(flat(built))
+    assert ran.keys() == built.keys()
+    assert {k: built[k] for k in ran if k not in skip} == {k: ran[k] for k in ran if k not in skip}
