@@ -278,6 +278,53 @@ def long_table(done: list, long: list) -> list[str]:
     return lines
 
 
+TARGET_BATCHES = (672, 1536, 3072)  # ImageNet's 14K, 32K and 64K by the fraction of the training set
+WITHIN = 0.003  # the study's target: within 0.3 point of the baseline, mean of two seeds
+
+
+def mean_of_best(finished: list, batch: int, epochs: float) -> tuple[Run, list[float]] | None:
+    """A fixed batch's best setting at a budget: the highest mean over seeds among the
+    settings run with two seeds or more, or else the best single run."""
+    settings: dict[str, tuple[Run, list[float]]] = {}
+    for r, res in finished:
+        if r.batch == batch and r.epochs == epochs and r.variant not in CONTROLS:
+            key = replace(r, seed=0).name
+            settings.setdefault(key, (replace(r, seed=0), []))[1].append(res["summary"]["top1"])
+    if not settings:
+        return None
+    pool = [s for s in settings.values() if len(s[1]) >= 2] or list(settings.values())
+    return max(pool, key=lambda s: statistics.fmean(s[1]))
+
+
+def targets_table(finished: list) -> list[str]:
+    """The issue's accuracy targets at a glance: per target batch and budget, the best
+    setting's mean over seeds against the baseline's at the same budget."""
+    lines = ["", "## The targets", "",
+             f"Per target batch and epoch budget: the setting with the highest mean test top-1 over two or more "
+             f"seeds (the best single run where none has two), against the batch-{SMALL} baseline's best setting "
+             f"at the same budget. Met: the mean over two seeds or more within {100 * WITHIN:g} point of the "
+             f"baseline's, or above it.", "",
+             "| global batch | ImageNet batch it maps to | epochs | setting | test top-1 per seed (%) | mean | "
+             "baseline mean (its LR) | difference (points) | met |", "|---|---|---|---|---|---|---|---|---|"]
+    for epochs in (EPOCHS, LONG):
+        base = mean_of_best(finished, SMALL, epochs)
+        if base is None:
+            continue
+        m0 = statistics.fmean(base[1])
+        for b in TARGET_BATCHES:
+            best = mean_of_best(finished, b, epochs)
+            if best is None:
+                lines.append(f"| {b} | {round(b * IMAGENET / FMNIST):,} | {epochs:g} | not run | | | | | |")
+                continue
+            r, top1 = best
+            diff = statistics.fmean(top1) - m0
+            met = "yes" if len(top1) >= 2 and diff >= -WITHIN else "not yet (one seed)" if diff >= -WITHIN else "no"
+            lines.append(f"| {b} | {round(b * IMAGENET / FMNIST):,} | {epochs:g} | {r.variant or 'SGD'}, LR {r.lr:g} | "
+                         f"{', '.join(f'{100 * v:.2f}' for v in top1)} | {100 * statistics.fmean(top1):.2f} | "
+                         f"{100 * m0:.2f} ({base[0].lr:g}) | {100 * diff:+.2f} | {met} |")
+    return lines
+
+
 def report(runs: list[Run], doc: Path) -> None:
     finished = [(r, res) for r in runs if (res := results_of(r))]
     # Everything but the long-budget section compares runs of the study's own budget.
@@ -301,7 +348,9 @@ def report(runs: list[Run], doc: Path) -> None:
              f"epoch) at or above the target test top-1.", "",
              f"Progress: {len(finished)} of {len(runs)} planned runs finished; the study continues where it "
              f"stopped (`python experiments/critical_batch.py`).", "",
-             "## Every finished run", "",
+             "## In short", "", "SUMMARY", ""]
+    lines += targets_table(finished)
+    lines += ["", "## Every finished run", "",
              "| global batch | variant | epochs | seed | peak LR | warmup (epochs) | steps | test top-1 (%) | "
              "steps to 90 % | steps to 91 % | training loss, last 5 % of steps | B_simple at 90 % | "
              "B_simple, last logged | CPU | wall (s) |",
@@ -399,7 +448,10 @@ def report(runs: list[Run], doc: Path) -> None:
     lines += ["", "## Still to run", ""]
     lines += [f"- {r.name}" for r in missing] or ["(none)"]
     lines += ["", "READING", ""]
-    reading = ROOT / "experiments/critical_batch_reading.md"
-    text = "\n".join(lines).replace("READING", reading.read_text().strip() if reading.exists() else "")
+    # The hand-written reading: its summary for a user first, the rest after the tables.
+    summary, reading = (ROOT / f"experiments/critical_batch_{part}.md" for part in ("summary", "reading"))
+    text = "\n".join(lines)
+    for mark, part in (("SUMMARY", summary), ("READING", reading)):
+        text = text.replace(mark, part.read_text().strip() if part.exists() else "")
     doc.write_text(text + "\n")
     print(f"wrote {doc}")
