@@ -342,7 +342,7 @@ def report(runs: list[Run], doc: Path) -> None:
              "`experiments/results/critical_batch/` (each with its `summary.json`, `metrics.jsonl`, "
              "`config.yaml`, `run.json` and exact command); no number here is edited by hand.", "",
              f"Study: ResNet-8 on Fashion-MNIST (60,000 training images, test set of 10,000), {EPOCHS} epochs "
-             f"at every batch, cosine decay, warmup growing with the batch, zero-gamma off, bf16, one process "
+             f"at every batch ({LONG} for the target batches' best recipes, in their own section), cosine decay, warmup growing with the batch, zero-gamma off, bf16, one process "
              f"with 2 threads; the peak LR tuned per batch on a grid from the square-root to the linear rule "
              f"(see the script's docstring). Steps to target = the first evaluation (every quarter or half "
              f"epoch) at or above the target test top-1.", "",
