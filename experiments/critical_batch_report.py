@@ -136,7 +136,10 @@ def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
     return (s_min, slope / s_min) if s_min > 0 else None
 
 
-def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path) -> None:
+def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path, recipes: dict, long: list) -> None:
+    """Steps to target against the batch, accuracy at a fixed budget (the SGD grid, the
+    linear rule, the best recipe tried; at the long budget the best mean over seeds), and
+    the noise scale through the best runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,12 +162,18 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path) -> None:
     a1.set(xscale="log", yscale="log", xlabel="global batch", ylabel=f"steps to {TARGETS[0]:.0%} test top-1",
            title="steps to target")
     xs = sorted(by_batch)
-    a2.plot(xs, [100 * best[b][1]["summary"]["top1"] for b in xs], marker="o", label="best LR of the grid")
+    a2.plot(xs, [100 * best[b][1]["summary"]["top1"] for b in xs], marker="o", label="SGD, best LR of the grid")
     linear = [(b, 100 * res["summary"]["top1"]) for b in xs for r, res in by_batch[b]
               if r.lr == lr_at(b, 1.0) and not r.variant]
     if linear:
         a2.plot(*zip(*linear), marker="s", linestyle="--", label="linear rule")
-    a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)", title=f"accuracy at {EPOCHS} epochs")
+    any_recipe = [(b, 100 * max(res["summary"]["top1"] for _, res in recipes[b])) for b in sorted(recipes)]
+    a2.plot(*zip(*any_recipe), marker="^", linestyle="-.", label="best recipe tried (LARS, Nesterov, ...)")
+    if long:
+        a2.plot(*zip(*[(b, 100 * statistics.fmean(top1)) for b, top1 in long]), marker="D",
+                label=f"{LONG} epochs: best mean over seeds")
+    a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)",
+           title=f"accuracy at {EPOCHS} epochs (and {LONG})")
     for b, (r, res) in sorted(best.items()):
         ns = [(x["epoch"], x["noise_scale"]) for x in metrics_of(r) if x.get("noise_scale")]
         if ns:
@@ -406,7 +415,9 @@ def report(runs: list[Run], doc: Path) -> None:
                          f"{r.variant or 'SGD'}, LR {r.lr:g} | {100 * res['summary']['top1']:.2f} | "
                          f"{100 * (res['summary']['top1'] - b0):+.2f} |")
         knee = knee_fit(fewest)
-        plot(best, by_batch, fewest, knee, doc.parent / "critical_batch.png")
+        at_long = sorted({r.batch for r, _ in long if r.variant not in CONTROLS})
+        plot(best, by_batch, fewest, knee, doc.parent / "critical_batch.png", recipes,
+             [(b, mean_of_best(long, b, LONG)[1]) for b in at_long])
         lines += ["", "![steps to target, accuracy and noise scale against the batch](critical_batch.png)"]
     else:
         knee = None
