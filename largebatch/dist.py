@@ -78,13 +78,26 @@ def resolve_layout(train: TrainConfig, world_size: int, rank: int, bn_group_size
                           f"({world_size}): each process takes an equal share")
     m = train.micro_batch if train.micro_batch is not None else b // world_size
     if m <= 0 or b % (world_size * m) != 0:
+        fits = fitting_micro_batch(b, world_size, m, bn_group_size)
         raise ConfigError(f"train.global_batch ({b}) must be divisible by processes ({world_size}) "
-                          f"x train.micro_batch ({train.micro_batch if train.micro_batch else m})")
+                          f"x train.micro_batch ({train.micro_batch if train.micro_batch else m})"
+                          + (f"; train.micro_batch={fits} fits this layout" if fits else ""))
     # BatchNorm groups are cut within micro-batches: the one model setting a layout must respect
     if bn_group_size and m % bn_group_size != 0:
         raise ConfigError(f"model.bn_group_size ({bn_group_size}) must divide train.micro_batch ({m}); "
                           f"set model.bn_group_size=0 to normalise over whole micro-batches")
     return Layout(world_size=world_size, rank=rank, accum_steps=b // (world_size * m), micro_batch=m)
+
+
+def fitting_micro_batch(global_batch: int, world_size: int, micro_batch: int, bn_group_size: int = 0) -> int | None:
+    """The largest micro-batch up to `micro_batch` that divides each process's share of
+    the global batch (and that BN groups divide): what to suggest when a recipe written
+    for one layout is run on another."""
+    if global_batch % world_size:
+        return None
+    share = global_batch // world_size
+    return next((m for m in range(min(micro_batch, share), 0, -1)
+                 if share % m == 0 and (not bn_group_size or m % bn_group_size == 0)), None)
 
 
 def usable_cores() -> int:

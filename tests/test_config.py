@@ -80,6 +80,12 @@ def test_layout_arithmetic():
     assert resolve_layout(build_config({"train": {"global_batch": 1024}}).train, 4, 0).micro_batch == 256
     with pytest.raises(ConfigError, match=r"train.global_batch \(1000\) must be divisible by processes \(3\)"):
         resolve_layout(build_config({"train": {"global_batch": 1000, "micro_batch": 10}}).train, 3, 0)
+    # A recipe written for one process (fmnist-lars-3072: 3,072 in micro-batches of 1,024)
+    # run on two is told the micro-batch that fits, one its BN groups of 32 divide.
+    with pytest.raises(ConfigError, match=r"; train.micro_batch=768 fits this layout"):
+        resolve_layout(build_config({"train": {"global_batch": 3072, "micro_batch": 1024}}).train, 2, 0, 32)
+    with pytest.raises(ConfigError, match=r"; train.micro_batch=96 fits this layout"):
+        resolve_layout(build_config({"train": {"global_batch": 384, "micro_batch": 100}}).train, 2, 0, 32)
     with pytest.raises(ConfigError, match="model.bn_group_size"):
         resolve_layout(build_config({"train": {"global_batch": 96, "micro_batch": 48}}).train, 1, 0, 32)
 
