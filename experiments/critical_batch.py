@@ -22,7 +22,7 @@ from LR 0 that grows with the batch. The LR grid runs from the square-root rule 
 linear rule from the batch-128 LR 0.1: lr(B) = 0.1 * (B / 128) ** p, starting at
 p in {0.75, 1} (a batch started later: at the best p of the nearest of the first
 searches, and the quarter below) and growing by quarters toward the better edge, p
-from 0.25 to 1.75 (at batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that
+from 0 to 1.75 (at batch 128, each quarter doubles the LR from 0.1 at p = 0.75). A run that
 diverges is kept as a result (0 %, with the reason) and the search moves away from it.
 """
 from __future__ import annotations
@@ -149,8 +149,9 @@ def lr_grid(batch: int) -> list[float]:
 
 
 # The ceiling was 1.5 until the 30-epoch baseline did best there (LR 0.8): one quarter more
-# brackets it, and 256's and 512's 12-epoch searches, which also ended at 1.5.
-P_GRID = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# brackets it, and 256's and 512's 12-epoch searches, which also ended at 1.5. The floor
+# was 0.25 until 16,384 (44 steps) did best there: p = 0 is LR 0.1 at any batch.
+P_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 # The searches that started at p = 0.75 and 1, before first_points: their best lay one or
