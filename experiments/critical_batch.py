@@ -38,7 +38,7 @@ from common import ROOT, Diverged, keep_results, save_partials, train
 RESULTS = ROOT / "experiments/results/critical_batch"
 RUNS = ROOT / "runs/critical_batch"
 EPOCHS = 12
-LONG = 30  # the largest budget, for the batches that underfit in 12 epochs
+LONG = 30  # the study's largest budget, for the batches that underfit in 12 epochs
 SMALL, SMALL_LR = 128, 0.1
 
 
@@ -302,7 +302,7 @@ def plan() -> list[Run]:
     # above it first, so the second seed reruns the bracketed best.
     for b in (512, 256, 2048):
         runs += tuned(b) + tuned(b, seed=1)
-    # The top of the range (128 ... 16,384): 8,192 and 16,384, 88 and 44 steps at
+    # The top of the study's range (128 ... 16,384): 8,192 and 16,384, 88 and 44 steps at
     # 12 epochs, where the knee's fit to 91 % says no LR reaches the targets
     for b in (8192, 16384):
         runs += tuned(b)

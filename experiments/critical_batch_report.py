@@ -316,7 +316,7 @@ def mean_of_best(finished: list, batch: int, epochs: float) -> tuple[Run, list[f
 
 
 def targets_table(finished: list) -> list[str]:
-    """The issue's accuracy targets at a glance: per target batch and budget, the best
+    """The study's accuracy targets at a glance: per target batch and budget, the best
     setting's mean over seeds against the baseline's at the same budget."""
     lines = ["", "## The targets", "",
              f"Per target batch and epoch budget: the setting with the highest mean test top-1 over two or more "
