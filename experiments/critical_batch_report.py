@@ -139,8 +139,8 @@ def fit_knee(points: list[tuple[int, int]]) -> tuple[float, float] | None:
 
 def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path, recipes: dict, long: list) -> None:
     """Steps to target against the batch, accuracy at a fixed budget (the SGD grid, the
-    linear rule, the best recipe tried; at the long budget the best mean over seeds), and
-    the noise scale through the best runs."""
+    linear rule, the best recipe tried; at the long budget `long`, (batch, best mean over
+    seeds in %) pairs), and the noise scale through the best runs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,8 +171,7 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path, recipes: di
     any_recipe = [(b, 100 * max(res["summary"]["top1"] for _, res in recipes[b])) for b in sorted(recipes)]
     a2.plot(*zip(*any_recipe), marker="^", linestyle="-.", label="best recipe tried (LARS, Nesterov, ...)")
     if long:
-        a2.plot(*zip(*[(b, 100 * statistics.fmean(top1)) for b, top1 in long]), marker="D",
-                label=f"{LONG} epochs: best mean over seeds")
+        a2.plot(*zip(*long), marker="D", label=f"{LONG} epochs: best mean over seeds")
     # The batches far past the knee fall by tens of points: drawn on the floor with their
     # value, so that the tenths that separate the others stay readable.
     floor = ACCURACY_FLOOR
@@ -180,7 +179,7 @@ def plot(best: dict, by_batch: dict, fewest: dict, knee, path: Path, recipes: di
         if top1 < floor:
             a2.annotate(f"{top1:.1f} %", (b, floor), xytext=(0, 8), textcoords="offset points", ha="center",
                         fontsize=7, arrowprops={"arrowstyle": "->"})
-    top = max(v for _, v in any_recipe + [(b, 100 * statistics.fmean(t)) for b, t in long])
+    top = max(v for _, v in any_recipe + long)
     a2.set(xscale="log", xlabel="global batch", ylabel="test top-1 (%)", ylim=(floor, top + 0.5),
            title=f"accuracy at {EPOCHS} epochs (and {LONG})")
     colours = matplotlib.colormaps["viridis"]
@@ -304,15 +303,10 @@ WITHIN = 0.003  # the study's target: within 0.3 point of the baseline, mean of 
 def mean_of_best(finished: list, batch: int, epochs: float) -> tuple[Run, list[float]] | None:
     """A fixed batch's best setting at a budget: the highest mean over seeds among the
     settings run with two seeds or more, or else the best single run."""
-    settings: dict[str, tuple[Run, list[float]]] = {}
-    for r, res in finished:
-        if r.batch == batch and r.epochs == epochs and r.variant not in CONTROLS:
-            key = replace(r, seed=0).name
-            settings.setdefault(key, (replace(r, seed=0), []))[1].append(res["summary"]["top1"])
-    if not settings:
-        return None
-    pool = [s for s in settings.values() if len(s[1]) >= 2] or list(settings.values())
-    return max(pool, key=lambda s: statistics.fmean(s[1]))
+    budget = [(r, res) for r, res in finished if r.epochs == epochs]
+    settings = [(r, over_seeds(budget, r)) for r, _ in every_recipe(budget).get(batch, [])]
+    pool = [s for s in settings if len(s[1]) >= 2] or settings
+    return max(pool, key=lambda s: statistics.fmean(s[1])) if pool else None
 
 
 def targets_table(finished: list) -> list[str]:
@@ -349,7 +343,8 @@ def report(runs: list[Run], doc: Path) -> None:
     # Everything but the long-budget section compares runs of the study's own budget.
     done = [(r, res) for r, res in finished if r.epochs == EPOCHS]
     long = [(r, res) for r, res in finished if r.epochs != EPOCHS]
-    missing = [r for r in runs if r not in {q for q, _ in finished}]
+    have = {r for r, _ in finished}
+    missing = [r for r in runs if r not in have]
     by_batch: dict[int, list] = {}  # the study recipe's LR searches (seed 0); variants get their own table
     for r, res in done:
         if not r.variant and r.seed == 0:
@@ -361,7 +356,8 @@ def report(runs: list[Run], doc: Path) -> None:
              "`experiments/results/critical_batch/` (each with its `summary.json`, `metrics.jsonl`, "
              "`config.yaml`, `run.json` and exact command); no number here is edited by hand.", "",
              f"Study: ResNet-8 on Fashion-MNIST (60,000 training images, test set of 10,000), {EPOCHS} epochs "
-             f"at every batch ({LONG} for the target batches' best recipes, in their own section), cosine decay, warmup growing with the batch, zero-gamma off, bf16, one process "
+             f"at every batch ({LONG} for the target batches' best recipes, in their own section), cosine "
+             f"decay, warmup growing with the batch, zero-gamma off, bf16, one process "
              f"with 2 threads; the peak LR tuned per batch on a grid from the square-root to the linear rule "
              f"(see the script's docstring). Steps to target = the first evaluation (every quarter or half "
              f"epoch) at or above the target test top-1.", "",
@@ -427,7 +423,7 @@ def report(runs: list[Run], doc: Path) -> None:
         knee = knee_fit(fewest)
         at_long = sorted({r.batch for r, _ in long if r.variant not in CONTROLS})
         plot(best, by_batch, fewest, knee, doc.parent / "critical_batch.png", recipes,
-             [(b, mean_of_best(long, b, LONG)[1]) for b in at_long])
+             [(b, 100 * statistics.fmean(mean_of_best(long, b, LONG)[1])) for b in at_long])
         lines += ["", "![steps to target, accuracy and noise scale against the batch](critical_batch.png)"]
     else:
         knee = None
