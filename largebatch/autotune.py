@@ -6,6 +6,10 @@ run at about half its fp32 rate, and fp32 trains faster. So where the instructio
 a few training steps of the run's own model are timed in both precisions, once per
 machine, model and shape.
 
+channels_last: a CIFAR-style ResNet's narrow convolutions (16 to 64 channels) ran about
+3x faster in channels_last on one CPU and slower on another, so the run's model, with
+its BN groups, is timed in both memory formats, once per machine, model and shape.
+
 torch.compile: what it buys depends on the machine and the model as much as bf16 does
 (from +17 % for ResNet-50 on one CPU to nothing on another, docs/BENCHMARKS.md), and
 measuring it costs a compile (a minute or more for ResNet-50). So a run is first timed
@@ -31,7 +35,7 @@ import torch
 
 from .config import ModelConfig
 
-MARGIN = 0.95  # bf16 is chosen only when it is at least 5 % faster
+MARGIN = 0.95  # bf16 and channels_last are chosen only when at least 5 % faster
 ROUNDS = 3  # timings per setting, alternated
 COMPILE_MARGIN = 0.9  # compiled steps must be at least 10 % faster ...
 COMPILE_PAYBACK = 3  # ... and save at least 3 times the compile time over the run
@@ -225,6 +229,33 @@ def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, siz
     return on, why
 
 
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def choose_channels_last(device: torch.device, model_cfg: ModelConfig, channels: int, size: int, batch: int,
+                         bf16: bool) -> tuple[bool, str]:
+    """(use channels_last, why): the run's model, BN groups included, timed in both memory
+    formats in the precision it will train in; on where channels_last is at least 5 % faster."""
+    group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
+    model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
+    batch = timing_batch(batch, size, group or 1)
+    key = cache_key(device_name(device), model_cfg.name, group, channels, size, batch, bf16)
+
+    def measure() -> dict:
+        times = {False: [], True: []}
+        for _ in range(ROUNDS):  # alternated, the least of each: other load on the machine only adds time
+            for cl in times:
+                times[cl].append(step_seconds(model_cfg, channels, size, batch, cl, bf16, device=device))
+        return {"contiguous_seconds": min(times[False]), "channels_last_seconds": min(times[True])}
+    m = cached("channels_last", key, measure, need="channels_last_seconds")
+    on = m["channels_last_seconds"] < MARGIN * m["contiguous_seconds"]
+    why = (f"{model_cfg.name} forward + backward of {batch} images: {m['channels_last_seconds']:.3f} s "
+           f"channels_last, {m['contiguous_seconds']:.3f} s contiguous on this device "
+           f"(measured once, cached in {cache_path('channels_last')})")
+    return on, why
+
+
 def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, size: int, batch: int,
                    channels_last: bool, bf16: bool, micro_steps: int) -> tuple[bool, str]:
     """(use torch.compile, why) for a run of `micro_steps` forward + backward passes of
@@ -233,8 +264,7 @@ def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, 
     group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
     model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
     small = timing_batch(batch, size, group or 1)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    key = cache_key(device_name, model_cfg.name, group, channels, size, small, channels_last, bf16)
+    key = cache_key(device_name(device), model_cfg.name, group, channels, size, small, channels_last, bf16)
     m = cached("compile", key, lambda: {"eager_seconds": step_seconds(model_cfg, channels, size, small, channels_last,
                                                                       bf16, device=device)}, need="eager_seconds")
     run_seconds = lambda m: m["eager_seconds"] * batch / small * micro_steps  # noqa: E731

@@ -234,7 +234,9 @@ class TrainConfig:
     matrix products at half their fp32 rate (docs/BENCHMARKS.md)."""
     channels_last: bool | None = None
     """NHWC memory format. None = on for torchvision's ResNets, whose wide convolutions
-    gain from it, off for the CIFAR-style ones, whose small images lose (docs/BENCHMARKS.md)."""
+    gain from it; for the CIFAR-style ones measured (autotune.py; once per machine,
+    cached): their narrow convolutions gain about 3x on some CPUs and lose on others
+    (docs/BENCHMARKS.md)."""
     compile: bool | None = None
     """torch.compile the model. None = measured: a run estimated at over 20 minutes eager
     has the compiled model timed beside the eager one (once per machine, model and shape,

@@ -91,14 +91,22 @@ def _announce(what: str, on: bool, why: str) -> bool:
 
 def resolve_auto(cfg: Config, device: torch.device) -> Config:
     """Turn the hardware-dependent defaults (None) into values; config.yaml records them.
-    bf16 is measured on CPUs that have it (autotune.py), once, on the main process."""
+    channels_last (for CIFAR-style models) and bf16 (on CPUs that have it) are measured
+    (autotune.py), once per machine, on the main process; the memory format first, since
+    what bf16 buys depends on it."""
     t = cfg.train
-    channels_last = cfg.model.name in TORCHVISION if t.channels_last is None else t.channels_last
+    shape = data_channels(cfg.data), data_image_size(cfg.data), t.micro_batch or t.global_batch
+    channels_last = t.channels_last
+    if channels_last is None and cfg.model.name in TORCHVISION:
+        channels_last = True
+    elif channels_last is None:  # timed in the precision the run will most likely take
+        likely_bf16 = autotune.native_bf16(device) if t.bf16 is None else t.bf16
+        channels_last = _announce("channels_last", *dist.on_main(lambda: autotune.choose_channels_last(
+            device, cfg.model, *shape, likely_bf16)))
     bf16 = t.bf16
     if bf16 is None:
         bf16 = _announce("bf16 autocast", *dist.on_main(lambda: autotune.choose_bf16(
-            device, cfg.model, data_channels(cfg.data), data_image_size(cfg.data), t.micro_batch or t.global_batch,
-            channels_last)))
+            device, cfg.model, *shape, channels_last)))
     return dataclasses.replace(cfg, train=dataclasses.replace(t, bf16=bf16, channels_last=channels_last))
 
 

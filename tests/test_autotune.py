@@ -1,4 +1,4 @@
-"""bf16 and torch.compile are chosen by timing the run's model on this machine, once."""
+"""channels_last, bf16 and torch.compile are chosen by timing the run's model on this machine, once."""
 import json
 import os
 import signal
@@ -33,6 +33,24 @@ def test_bf16_follows_the_measurement_and_is_measured_once(tmp_path, monkeypatch
     n = len(calls)
     assert not autotune.choose_bf16(cpu, ModelConfig(name="resnet50"), 3, 224, 32, True)[0]
     assert len(calls) == n  # the cached answer, not a new measurement
+
+
+def test_channels_last_follows_the_measurement_of_the_model_with_its_bn_groups(tmp_path, monkeypatch):
+    monkeypatch.setenv("LARGEBATCH_CACHE", str(tmp_path))
+    cpu, calls = torch.device("cpu"), []
+
+    def timed(model_cfg, channels, size, batch, channels_last, bf16, device):
+        calls.append((model_cfg.bn_group_size, batch, channels_last, bf16))
+        return {"resnet8": {True: 0.5, False: 1.0}, "resnet20": {True: 0.98, False: 1.0}}[model_cfg.name][channels_last]
+    monkeypatch.setattr(autotune, "step_seconds", timed)
+    on, why = autotune.choose_channels_last(cpu, ModelConfig(name="resnet8", bn_group_size=32), 1, 28, 224, True)
+    assert on and "0.500 s channels_last, 1.000 s contiguous" in why
+    assert calls == [(32, 224, False, True), (32, 224, True, True)] * 3  # the run's groups and precision, alternated
+    assert not autotune.choose_channels_last(cpu, ModelConfig(name="resnet20"), 1, 28, 1024, True)[0]  # 2 %: no
+    assert calls[-1] == (32, 256, True, True)  # at most 256 images of 28 px, a multiple of the group
+    n = len(calls)
+    assert autotune.choose_channels_last(cpu, ModelConfig(name="resnet8", bn_group_size=32), 1, 28, 224, True)[0]
+    assert len(calls) == n  # the cached answer
 
 
 def test_the_timing_runs_the_real_model():

@@ -45,20 +45,27 @@ def test_channel_mismatch_names_the_key():
         model_channels(ModelConfig(name="vgg16"), 3)
 
 
-def test_group_bn_normalises_each_group_like_plain_bn():
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_group_bn_normalises_each_group_like_plain_bn(fmt):
+    """Forward and backward, in both memory formats: each group is its own batch."""
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 5, 5)
+    x = (torch.randn(12, 3, 5, 5) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
     gbn = group_bn.GroupBatchNorm2d(3, group_size=4)
     nn.init.uniform_(gbn.weight)
     nn.init.uniform_(gbn.bias)
     ref = nn.BatchNorm2d(3)
     ref.load_state_dict(gbn.state_dict())
-    y = gbn(x)
-    want = torch.cat([ref(x[:4]), ref(x[4:])])
+    x_ref = x.detach().contiguous().requires_grad_()
+    y, want = gbn(x), torch.cat([ref(part) for part in x_ref.split(4)])
     torch.testing.assert_close(y, want)
-    # gradients flow through the regrouping
-    y.square().sum().backward()
-    assert gbn.weight.grad is not None and torch.isfinite(gbn.weight.grad).all()
+    assert y.is_contiguous(memory_format=fmt)  # the layer keeps the format the convolutions chose
+    dy = torch.randn_like(want)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert x.grad.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(gbn.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(gbn.bias.grad, ref.bias.grad)
 
 
 def test_group_bn_running_stats_are_one_update_per_step_from_all_groups():

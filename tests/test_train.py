@@ -10,7 +10,7 @@ from largebatch.cli import main as cli_main
 from conftest import run_cli
 
 TINY = ["--recipe", "fmnist-large", "--global-batch", "64", "--micro-batch", "32",
-        "--set", "train.bf16=false", "--set", "schedule.warmup_epochs=0",
+        "--set", "train.bf16=false", "--set", "train.channels_last=false", "--set", "schedule.warmup_epochs=0",
         "--set", "schedule.decay=poly", "--set", "schedule.horizon_epochs=0.02",
         "--set", "train.log_every_steps=2", "--set", "train.eval_every_epochs=0",
         "--set", "train.eval_batch=1000", "--set", "model.bn_group_size=16"]

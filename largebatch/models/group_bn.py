@@ -50,18 +50,13 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             return self._fusable(x, k, g)
         # momentum=1 turns the "running" buffers into this batch's statistics
         # (mean, unbiased variance) computed by the native kernel.
-        mean = torch.zeros(k * c, device=x.device)
-        var = torch.zeros(k * c, device=x.device)
+        mean = torch.zeros(k, c, device=x.device)
+        var = torch.zeros(k, c, device=x.device)
         if k == 1:
-            y = F.batch_norm(x, mean, var, self.weight, self.bias, True, 1.0, self.eps)
+            y = F.batch_norm(x, mean[0], var[0], self.weight, self.bias, True, 1.0, self.eps)
         else:
-            # (n, c, h, w) -> (g, k*c, h, w): each group's channels become distinct
-            # channels of one batch of g samples.
-            xg = x.reshape(k, g, *x.shape[1:]).transpose(0, 1).reshape(g, k * c, *x.shape[2:])
-            yg = F.batch_norm(xg, mean, var, self.weight.repeat(k), self.bias.repeat(k),
-                              True, 1.0, self.eps)
-            y = yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape)
-        self._add_stats(mean.view(k, c), var.view(k, c))
+            y = _PerGroup.apply(x, self.weight, self.bias, mean, var, self.eps)
+        self._add_stats(mean, var)
         return y
 
     @torch.no_grad()
@@ -84,6 +79,41 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         m = g * xf.shape[3]  # the running variance is unbiased, as the native kernel's
         self._add_stats(mean.view(k, c), var.view(k, c).double() * (m / (m - 1)))
         return y
+
+
+class _PerGroup(torch.autograd.Function):
+    """The native batch-norm kernels run once per group, each on its slice of the batch
+    (a view, in either memory format) and writing into its slice of one output: no copy
+    of the activations. Gathering the groups into one tensor of k*c channels for a single
+    kernel call instead costs a transposing copy each way, forward and backward, which
+    took about a tenth of a ResNet-8 step (docs/BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps):
+        k = mean.shape[0]
+        y = torch.empty_like(x)
+        save_mean, save_invstd = torch.empty_like(mean), torch.empty_like(var)
+        for i, (xi, yi) in enumerate(zip(x.chunk(k), y.chunk(k))):
+            torch.ops.aten.native_batch_norm.out(xi, weight, bias, mean[i], var[i], True, 1.0, eps,
+                                                 out=yi, save_mean=save_mean[i], save_invstd=save_invstd[i])
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        k = save_mean.shape[0]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        dy = dy.contiguous(memory_format=fmt)  # a gradient in the other format would be read strided
+        dx = torch.empty_like(x)
+        dw, db = torch.empty_like(save_mean), torch.empty_like(save_mean)  # per group, summed below
+        for i, (dyi, xi, dxi) in enumerate(zip(dy.chunk(k), x.chunk(k), dx.chunk(k))):
+            torch.ops.aten.native_batch_norm_backward.out(
+                dyi, xi, weight, None, None, save_mean[i], save_invstd[i], True, ctx.eps,
+                [True, *ctx.affine], out0=dxi, out1=dw[i], out2=db[i])
+        dw, db = (d.sum(0).to(p.dtype) if on else None for d, p, on in zip((dw, db), (weight, weight), ctx.affine))
+        return dx, dw, db, None, None, None
 
 
 def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = False) -> nn.Module:
