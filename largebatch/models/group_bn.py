@@ -86,7 +86,8 @@ class _PerGroup(torch.autograd.Function):
     (a view, in either memory format) and writing into its slice of one output: no copy
     of the activations. Gathering the groups into one tensor of k*c channels for a single
     kernel call instead costs a transposing copy each way, forward and backward, which
-    took about a tenth of a ResNet-8 step (docs/BENCHMARKS.md)."""
+    took about a tenth of a ResNet-8 step (docs/BENCHMARKS.md). Affine layers only, as
+    every model here has."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps):
@@ -97,7 +98,7 @@ class _PerGroup(torch.autograd.Function):
             torch.ops.aten.native_batch_norm.out(xi, weight, bias, mean[i], var[i], True, 1.0, eps,
                                                  out=yi, save_mean=save_mean[i], save_invstd=save_invstd[i])
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
-        ctx.eps, ctx.affine = eps, (weight is not None, bias is not None)
+        ctx.eps = eps
         return y
 
     @staticmethod
@@ -111,9 +112,8 @@ class _PerGroup(torch.autograd.Function):
         for i, (dyi, xi, dxi) in enumerate(zip(dy.chunk(k), x.chunk(k), dx.chunk(k))):
             torch.ops.aten.native_batch_norm_backward.out(
                 dyi, xi, weight, None, None, save_mean[i], save_invstd[i], True, ctx.eps,
-                [True, *ctx.affine], out0=dxi, out1=dw[i], out2=db[i])
-        dw, db = (d.sum(0).to(p.dtype) if on else None for d, p, on in zip((dw, db), (weight, weight), ctx.affine))
-        return dx, dw, db, None, None, None
+                [True, True, True], out0=dxi, out1=dw[i], out2=db[i])
+        return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None, None
 
 
 def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = False) -> nn.Module:
