@@ -59,8 +59,8 @@ def test_bad_settings_are_named():
 SYNTH = ["--recipe", "fmnist-large", "--model", "resnet8", "--global-batch", "32", "--micro-batch", "16",
          "--set", "data.name=synthetic", "--set", "data.synthetic_samples=256", "--set", "data.synthetic_classes=4",
          "--set", "data.synthetic_channels=1", "--set", "data.synthetic_size=8", "--set", "model.bn_group_size=8",
-         "--set", "train.bf16=false", "--set", "train.eval_every_epochs=0", "--set", "train.log_every_steps=3",
-         "--set", "dist.exact_reduction=true", "--epochs", "4", "--set", "schedule.warmup_epochs=0.5",
+         "--set", "train.bf16=false", "--set", "train.channels_last=false", "--set", "train.eval_every_epochs=0",
+         "--set", "train.log_every_steps=3", "--set", "dist.exact_reduction=true", "--epochs", "4", "--set", "schedule.warmup_epochs=0.5",
          "--set", "adaptive_batch.max_batch=64", "--set", "train.checkpoint_every_steps=5",
          "--set", "train.keep_checkpoints=9"]
 

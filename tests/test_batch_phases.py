@@ -65,7 +65,8 @@ def test_every_sample_once_per_epoch_across_the_change():
 SYNTH = ["--recipe", "fmnist-large", "--model", "resnet8", "--global-batch", "32", "--micro-batch", "16",
          "--set", "data.name=synthetic", "--set", "data.synthetic_samples=256", "--set", "data.synthetic_classes=4",
          "--set", "data.synthetic_channels=1", "--set", "data.synthetic_size=8", "--set", "model.bn_group_size=8",
-         "--set", "train.bf16=false", "--set", "train.eval_every_epochs=0", "--set", "train.log_every_steps=3",
+         "--set", "train.bf16=false", "--set", "train.channels_last=false", "--set", "train.eval_every_epochs=0",
+         "--set", "train.log_every_steps=3",
          "--set", "dist.exact_reduction=true", "--epochs", "2",
          "--set", 'phases=[{"name": "small", "epochs": 1, "decay": "constant"}, '
                   '{"name": "large", "epochs": 1, "decay": "constant", "global_batch": 64, "snapshot": false}]']

@@ -117,7 +117,8 @@ def test_shards_train_resume_mid_epoch_and_staging(broken, tmp_path):
     args = ["train", "--recipe", "fmnist-large", "--data", dst, "--global-batch", "8",
             "--set", "data.name=shards", "--set", "data.image_size=32", "--set", "data.eval_resize=36",
             "--set", "data.eval_crop=32", "--set", "model.bn_group_size=4", "--set", "schedule.warmup_epochs=0",
-            "--set", "data.workers=1", "--set", "train.bf16=false", "--set", "data.augment=true"]
+            "--set", "data.workers=1", "--set", "train.bf16=false", "--set", "train.channels_last=false",
+            "--set", "data.augment=true"]
     run_cli(*args, "--steps", "4", "--out", tmp_path / "full")
     # 2 steps, then on to 4 (3 steps per epoch: the resume lands mid-epoch 0 -> epoch 1)
     run_cli(*args, "--steps", "4", "--set", "schedule.decay=constant", "--out", tmp_path / "c4")

@@ -92,8 +92,9 @@ def test_sync_bn_on_two_processes_equals_whole_batch_bn_on_one(tmp_path, fmnist_
 
 def test_killed_worker_restarts_from_checkpoint_and_ends_identical(tmp_path, fmnist_dir):
     args = ["--recipe", "fmnist-large", "--global-batch", "512", "--micro-batch", "64", "--steps", "40",
-            "--set", "train.bf16=false", "--set", "schedule.warmup_epochs=0", "--set", "train.eval_every_epochs=0",
-            "--set", "train.checkpoint_every_steps=5", "--set", "train.keep_checkpoints=2"]
+            "--set", "train.bf16=false", "--set", "train.channels_last=false", "--set", "schedule.warmup_epochs=0",
+            "--set", "train.eval_every_epochs=0", "--set", "train.checkpoint_every_steps=5",
+            "--set", "train.keep_checkpoints=2"]
     run_cli("train", *args, "--out", tmp_path / "clean", nproc=2)
 
     out = tmp_path / "killed"
