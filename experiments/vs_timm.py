@@ -51,8 +51,6 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path) -> dict[str, tupl
                             "--color-jitter", "0"], 16),
         "largebatch same": (lb + ["--data", str(tree), *same_lb, "--out", str(work / "lb")], 16),
         "largebatch shards same": (lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb, "--out", str(work / "lbs")], 16),
-        "largebatch same loader at the trainer's priority": (
-            lb + ["--data", str(tree), *same_lb, "--set", "data.worker_nice=0", "--out", str(work / "lb")], 16),
         "largebatch same loading in the training process": (
             lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], 16),
         # timm with glibc told to keep freed memory, as largebatch does by default

@@ -76,10 +76,6 @@ class DataConfig:
     max_aspect: float = 1.3333333333333333
     workers: int = -1
     """DataLoader worker processes per training process; -1 = choose by dataset."""
-    worker_nice: int | None = None
-    """The loader workers' niceness (os.nice). None = 19 when training on a CPU, where the
-    workers share the cores the model computes on and the compute threads should not
-    wait on them (docs/BENCHMARKS.md), 0 on a GPU."""
     synthetic_samples: int = 1024
     synthetic_classes: int = 1000
     synthetic_channels: int = 3
@@ -500,8 +496,6 @@ def validate(cfg: Config) -> None:
     need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,
          "ensemble.main_fraction and collapse_fraction must leave room for the cycles (sum < 1)")
     need(d.eval_samples >= 0, "data.eval_samples must be >= 0")
-    need(d.worker_nice is None or 0 <= d.worker_nice <= 19,
-         f"data.worker_nice must be 0 (the trainer's priority) to 19 (the lowest), got {d.worker_nice}")
     need(not d.stage_to or d.name == "shards", "data.stage_to copies packed shards; it needs data.name=shards")
     need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
     need(not m.sync_bn or m.bn_group_size == 0,

@@ -142,7 +142,7 @@ def start_batches(run: Run, step: int) -> None:
     """This process's micro-batches from `step` to the end of the run as now planned."""
     augment_at = lambda s: phase_at(s, run.phases).augment  # noqa: E731
     run.batches = iter(make_loader(run.train_set, run.sampler.micro_batches(step, run.total_steps, augment_at),
-                                   run.workers, run.device, run.cfg.data.worker_nice))
+                                   run.workers, run.device))
 
 
 def plan_steps(cfg: Config, num_samples: int, layouts: dict, decided: dict | None = None):

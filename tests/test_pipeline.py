@@ -1,6 +1,5 @@
 """Input pipeline: bad files, packed shards, staging, resume from shards, bench-data."""
 import json
-import os
 import tarfile
 
 import numpy as np
@@ -187,21 +186,3 @@ def test_loader_workers_default_to_what_the_device_needs(monkeypatch):
         assert (default_workers(folder, procs, cpu), default_workers(folder, procs, gpu)) == (on_cpu, on_gpu)
     assert default_workers(DataConfig(name="fmnist"), 1, cpu) == 0  # in memory
     assert default_workers(DataConfig(name="folder", path="x", workers=5), 1, cpu) == 5
-
-
-class _Niceness(torch.utils.data.Dataset):
-    """Each item is the niceness of the process that loaded it."""
-
-    def __getitem__(self, spec):
-        return torch.tensor(os.nice(0))
-
-
-def test_loader_workers_on_a_cpu_run_at_the_lowest_priority():
-    """On a CPU the workers share the model's cores: at niceness 19 they take the gaps
-    instead of stalling the compute threads; data.worker_nice sets it (0: the trainer's)."""
-    from largebatch.data import make_loader
-    cpu = torch.device("cpu")
-    first = lambda nice=None: next(iter(make_loader(_Niceness(), [0], 1, cpu, nice))).item()  # noqa: E731
-    assert first() == 19
-    assert first(0) == os.nice(0) and first(5) == min(os.nice(0) + 5, 19)
-    assert next(iter(make_loader(_Niceness(), [0], 0, cpu))).item() == os.nice(0)  # no worker: untouched

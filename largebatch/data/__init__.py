@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -126,16 +125,8 @@ def model_input(x: torch.Tensor, device: torch.device, channels_last: bool = Fal
     return x.contiguous(memory_format=fmt)
 
 
-def make_loader(dataset, specs: Iterable[BatchSpec], workers: int, device: torch.device, nice: int | None = None):
-    """nice: the workers' niceness (data.worker_nice); None = 19 on a CPU, 0 on a GPU."""
-    nice = (19 if device.type == "cpu" else 0) if nice is None else nice
+def make_loader(dataset, specs: Iterable[BatchSpec], workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=specs, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None,
-        persistent_workers=False, worker_init_fn=functools.partial(_lower_priority, nice) if nice else None)
-
-
-def _lower_priority(nice: int, worker_id: int) -> None:
-    # On a CPU the model's threads are busy on every core; a worker that preempts one of
-    # them stalls the others at their next barrier. At low priority it runs in the gaps.
-    os.nice(nice)
+        persistent_workers=False)
