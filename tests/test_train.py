@@ -26,11 +26,13 @@ def assert_bitwise_equal(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_resume_is_bitwise_exact(tmp_path, fmnist_dir):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])  # BN groups run per group in both
+def test_resume_is_bitwise_exact(tmp_path, fmnist_dir, layout):
     full, split = tmp_path / "full", tmp_path / "split"
-    cli_main(["train", *TINY, "--steps", "6", "--out", str(full)])
-    cli_main(["train", *TINY, "--steps", "3", "--out", str(split)])
-    cli_main(["train", *TINY, "--steps", "6", "--out", str(split), "--resume"])
+    args = [*TINY, "--set", f"train.channels_last={str(layout == 'channels_last').lower()}"]
+    cli_main(["train", *args, "--steps", "6", "--out", str(full)])
+    cli_main(["train", *args, "--steps", "3", "--out", str(split)])
+    cli_main(["train", *args, "--steps", "6", "--out", str(split), "--resume"])
     assert_bitwise_equal(weights(full / "checkpoints/last.pt"), weights(split / "checkpoints/last.pt"))
     a, b = (checkpoint.load(p / "checkpoints/last.pt")["optimizer"] for p in (full, split))
     for sa, sb in zip(a["state"].values(), b["state"].values()):
