@@ -189,12 +189,9 @@ def compile_seconds(model_cfg: ModelConfig, channels: int, size: int, batch: int
     model, x, y = _model_and_batch(model_cfg, channels, size, batch, channels_last, device)
     fast = torch.compile(model)
     first = _timed(fast, x, y, bf16, 0)[0]
-    eager, compiled = [], []
-    for _ in range(ROUNDS):  # alternated, the least of each: other load on the machine only adds time
-        eager.append(_timed(model, x, y, bf16, steps)[1])
-        compiled.append(_timed(fast, x, y, bf16, steps)[1])
+    eager, compiled = least_of_alternated(lambda c: _timed(fast if c else model, x, y, bf16, steps)[1])
     torch._dynamo.reset()  # the run compiles its own model; keep nothing of this one
-    return {"eager_seconds": min(eager), "compiled_seconds": min(compiled), "compile_seconds": first}
+    return {"eager_seconds": eager, "compiled_seconds": compiled, "compile_seconds": first}
 
 
 def timing_batch(batch: int, size: int, group: int = 1) -> int:
@@ -203,6 +200,23 @@ def timing_batch(batch: int, size: int, group: int = 1) -> int:
     A multiple of `group` (BN groups must divide it)."""
     b = max(1, min(batch, max(8, 256 * 28 * 28 // (size * size))))
     return max(group, b // group * group)
+
+
+def least_of_alternated(seconds: Callable[[bool], float]) -> tuple[float, float]:
+    """(least of seconds(False), least of seconds(True)) over ROUNDS alternated timings:
+    other load on the machine only adds time, and alternating spreads it over both."""
+    times = {False: [], True: []}
+    for _ in range(ROUNDS):
+        for setting in times:
+            times[setting].append(seconds(setting))
+    return min(times[False]), min(times[True])
+
+
+def timed_model(model_cfg: ModelConfig, batch: int, size: int) -> tuple[ModelConfig, int]:
+    """The model as a timing on one process builds it (its BN groups where they divide the
+    run's batch, no SyncBN) and the timing batch (timing_batch, a multiple of the group)."""
+    group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
+    return dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False), timing_batch(batch, size, group or 1)
 
 
 def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, size: int, batch: int,
@@ -217,11 +231,8 @@ def choose_bf16(device: torch.device, model_cfg: ModelConfig, channels: int, siz
     model_cfg = dataclasses.replace(model_cfg, bn_group_size=0, sync_bn=False)
     key = cache_key(cpu_name(), model_cfg.name, channels, size, batch, channels_last)
     def measure() -> dict:
-        times = {False: [], True: []}
-        for _ in range(ROUNDS):  # alternated, the least of each: other load on the machine only adds time
-            for b in times:
-                times[b].append(step_seconds(model_cfg, channels, size, batch, channels_last, b))
-        return {"fp32_seconds": min(times[False]), "bf16_seconds": min(times[True])}
+        fp32, bf16 = least_of_alternated(lambda b: step_seconds(model_cfg, channels, size, batch, channels_last, b))
+        return {"fp32_seconds": fp32, "bf16_seconds": bf16}
     m = cached("bf16", key, measure, need="bf16_seconds")
     on = m["bf16_seconds"] < MARGIN * m["fp32_seconds"]
     why = (f"{model_cfg.name} forward + backward of {batch} images: {m['bf16_seconds']:.3f} s in bf16, "
@@ -237,17 +248,13 @@ def choose_channels_last(device: torch.device, model_cfg: ModelConfig, channels:
                          bf16: bool) -> tuple[bool, str]:
     """(use channels_last, why): the run's model, BN groups included, timed in both memory
     formats in the precision it will train in; on where channels_last is at least 5 % faster."""
-    group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
-    model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
-    batch = timing_batch(batch, size, group or 1)
-    key = cache_key(device_name(device), model_cfg.name, group, channels, size, batch, bf16)
+    model_cfg, batch = timed_model(model_cfg, batch, size)
+    key = cache_key(device_name(device), model_cfg.name, model_cfg.bn_group_size, channels, size, batch, bf16)
 
     def measure() -> dict:
-        times = {False: [], True: []}
-        for _ in range(ROUNDS):  # alternated, the least of each: other load on the machine only adds time
-            for cl in times:
-                times[cl].append(step_seconds(model_cfg, channels, size, batch, cl, bf16, device=device))
-        return {"contiguous_seconds": min(times[False]), "channels_last_seconds": min(times[True])}
+        contiguous, channels_last = least_of_alternated(
+            lambda cl: step_seconds(model_cfg, channels, size, batch, cl, bf16, device=device))
+        return {"contiguous_seconds": contiguous, "channels_last_seconds": channels_last}
     m = cached("channels_last", key, measure, need="channels_last_seconds")
     on = m["channels_last_seconds"] < MARGIN * m["contiguous_seconds"]
     why = (f"{model_cfg.name} forward + backward of {batch} images: {m['channels_last_seconds']:.3f} s "
@@ -261,10 +268,9 @@ def choose_compile(device: torch.device, model_cfg: ModelConfig, channels: int, 
     """(use torch.compile, why) for a run of `micro_steps` forward + backward passes of
     `batch` images each: on where a compiled step is measured at least 10 % faster and
     the run is long enough to save 3 times the compile time."""
-    group = model_cfg.bn_group_size if model_cfg.bn_group_size and batch % model_cfg.bn_group_size == 0 else 0
-    model_cfg = dataclasses.replace(model_cfg, bn_group_size=group, sync_bn=False)
-    small = timing_batch(batch, size, group or 1)
-    key = cache_key(device_name(device), model_cfg.name, group, channels, size, small, channels_last, bf16)
+    model_cfg, small = timed_model(model_cfg, batch, size)
+    key = cache_key(device_name(device), model_cfg.name, model_cfg.bn_group_size, channels, size, small,
+                    channels_last, bf16)
     m = cached("compile", key, lambda: {"eager_seconds": step_seconds(model_cfg, channels, size, small, channels_last,
                                                                       bf16, device=device)}, need="eager_seconds")
     run_seconds = lambda m: m["eager_seconds"] * batch / small * micro_steps  # noqa: E731
