@@ -3,48 +3,84 @@
 # PyTorch installed (no network needed), from the repository root:
 #
 #   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # on a machine that has it
-#   bash experiments/gpu_check.sh OUT
+#   bash experiments/gpu_check.sh OUT [ARCHIVE.tgz]
 #
-# What it writes to OUT: env.txt (GPU, driver, torch), tests.log (the GPU tests and the
-# single-process training tests, all on the GPU), bench_eager.json and bench_compiled.json
-# (ResNet-50, bf16, channels_last, synthetic data; docs/BENCHMARKS.md, "GPU"), and
+# What it writes to OUT: env.txt (GPU, driver, torch), tests.out (the GPU tests, the BN
+# group tests and the single-process training tests, all on the GPU); bench_groups.json
+# (ResNet-50, bf16, channels_last, synthetic data, BN over groups of 32, deterministic
+# algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
+# (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
+# bench_compiled.json (the first with torch.compile);
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
-# study's batch 672, to set beside the CPU's). Each step has its own time limit, so a
-# step that hangs costs only its share and the others still report. EPOCHS and BATCH
-# shrink the study run and the benchmark (to try the script where there is no GPU).
+# study's batch 672, to set beside the CPU's); e2e_shards_* and e2e_folder_* (ResNet-50
+# trained end to end from tar shards and from a JPEG folder: summary and per-step
+# metrics); and *.out, each step's output. With ARCHIVE, OUT is packed into it after each
+# step, so that what finished comes back as one file even if the command is stopped.
+# Each step has its own time limit, so a step that hangs costs only its share and the
+# others still report. ONLY="tests bench-groups ..." runs the steps named. EPOCHS, BATCH,
+# BENCH_STEPS and E2E_STEPS shrink the runs (to try the script
+# where there is no GPU).
 set -u
 OUT=${1:-gpu-check}
+ARCHIVE=${2:-}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export LARGEBATCH_FMNIST_DIR=${LARGEBATCH_FMNIST_DIR:-$PWD/.gpu/fashion-mnist}
 PY=${PYTHON:-python3}
-EPOCHS=${EPOCHS:-12} BATCH=${BATCH:-128}
+EPOCHS=${EPOCHS:-12} BATCH=${BATCH:-256} E2E_STEPS=${E2E_STEPS:-40} BENCH_STEPS=${BENCH_STEPS:-20}
 SCRATCH=$(mktemp -d)
+WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))  # loader processes: the cores but the trainer's
+export OUT SCRATCH PY BATCH E2E_STEPS WORKERS
 
-{ nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+{ nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm,power.limit --format=csv,noheader
+  nproc
+  $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step() {  # step SECONDS NAME COMMAND...: run with a time limit, say how it ended
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, its output in OUT/NAME.out
+    # (a shell function of this script runs as: step SECONDS NAME bash -c FUNCTION)
     local limit=$1 name=$2; shift 2
+    [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
     local t0=$SECONDS
-    timeout "$limit" "$@"
-    echo "== $name: exit $? after $((SECONDS - t0)) s (limit $limit s)"
+    timeout "$limit" "$@" > "$OUT/$name.out" 2>&1
+    local rc=$?
+    tail -12 "$OUT/$name.out"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)"
+    [ -z "$ARCHIVE" ] || tar czf "$ARCHIVE" -C "$OUT" .
 }
 
-step 170 tests $PY -m pytest -q -x -p no:cacheprovider tests/test_cuda.py tests/test_train.py \
-    tests/test_noise_scale.py 2>&1 | tee "$OUT/tests.log" | tail -15
+step 140 tests $PY -m pytest -q --maxfail=5 --runxfail -p no:cacheprovider -W ignore::DeprecationWarning \
+    tests/test_cuda.py tests/test_models.py tests/test_train.py tests/test_noise_scale.py
 
-BENCH=(-m largebatch bench --model resnet50 --batch "$BATCH" --dtype bf16 --channels-last --steps 20 --warmup 5 --repeats 3)
-step 90 bench-eager $PY "${BENCH[@]}" --out "$OUT/bench_eager.json"
+BENCH=(-m largebatch bench --model resnet50 --batch "$BATCH" --dtype bf16 --channels-last --steps "$BENCH_STEPS" --warmup 5 --repeats 3)
+step 60 bench-groups $PY "${BENCH[@]}" --out "$OUT/bench_groups.json"
+step 60 bench-groups-fastest $PY "${BENCH[@]}" --nondeterministic --out "$OUT/bench_groups_fastest.json"
+step 60 bench-plain-bn-fastest $PY "${BENCH[@]}" --bn-group-size 0 --nondeterministic --out "$OUT/bench_plain_bn_fastest.json"
 
-step 130 study-b672 $PY -m largebatch train --recipe fmnist-baseline --global-batch 672 --micro-batch 224 \
+step 100 study-b672 $PY -m largebatch train --recipe fmnist-baseline --global-batch 672 --micro-batch 224 \
     --epochs "$EPOCHS" --set schedule.peak_lr=0.7947 --set schedule.warmup_epochs=0.861 --set schedule.warmup_start=0.0 \
     --set schedule.decay=cosine --set model.zero_init_gamma=none --set train.seed=0 \
     --set train.eval_every_epochs=0.5 --set train.eval_batch=2000 --set train.log_every_steps=5 \
-    --out "$SCRATCH/study_b672" 2>&1 | tail -15
-cp "$SCRATCH/study_b672/summary.json" "$OUT/study_b672_summary.json"
-cp "$SCRATCH/study_b672/metrics.jsonl" "$OUT/study_b672_metrics.jsonl"
+    --out "$SCRATCH/study_b672"
+cp "$SCRATCH/study_b672/summary.json" "$OUT/study_b672_summary.json" 2>/dev/null
+cp "$SCRATCH/study_b672/metrics.jsonl" "$OUT/study_b672_metrics.jsonl" 2>/dev/null
 
-step 180 bench-compiled $PY "${BENCH[@]}" --compile --out "$OUT/bench_compiled.json"
+e2e() {  # ResNet-50 from the tree's shards or its folder, every step logged
+    $PY experiments/make_jpeg_tree.py "$SCRATCH/tree" --per-class 260 > /dev/null || return
+    [ -d "$SCRATCH/shards" ] || $PY -m largebatch pack "$SCRATCH/tree" "$SCRATCH/shards" --resize-shorter 256 || return
+    for src in shards folder; do
+        local data=$SCRATCH/tree extra=()
+        [ $src = shards ] && data=$SCRATCH/shards extra=(--set data.name=shards)
+        $PY -m largebatch train --recipe goyal-8k --data "$data" "${extra[@]}" --global-batch "$BATCH" \
+            --micro-batch "$BATCH" --steps "$E2E_STEPS" --set data.workers=$WORKERS --set train.log_every_steps=1 \
+            --set schedule.warmup_epochs=0.01 --set train.eval_every_epochs=0 --out "$SCRATCH/e2e_$src" || return
+        cp "$SCRATCH/e2e_$src/summary.json" "$OUT/e2e_${src}_summary.json"
+        cp "$SCRATCH/e2e_$src/metrics.jsonl" "$OUT/e2e_${src}_metrics.jsonl"
+        cp "$SCRATCH/e2e_$src/config.yaml" "$OUT/e2e_${src}_config.yaml"
+    done
+}
+export -f e2e
+step 130 e2e bash -c e2e
+
+step 140 bench-compiled $PY "${BENCH[@]}" --compile --out "$OUT/bench_compiled.json"

@@ -62,7 +62,9 @@ def launch(spec: dict, procs: int, timeout: float = 3600, cluster=None) -> dict:
 def bench_config(spec: dict, procs: int):
     from .config import build_config
     b = spec["batch"]
-    group = 32 if b % 32 == 0 else 0  # the training default where it divides the batch
+    group = spec.get("bn_group_size")
+    if group is None:
+        group = 32 if b % 32 == 0 else 0  # the training default where it divides the batch
     return build_config({
         "model": {"name": spec["model"], "bn_group_size": group},
         "data": {"name": "synthetic", "synthetic_size": spec["image_size"], "synthetic_classes": spec["classes"],
@@ -70,7 +72,9 @@ def bench_config(spec: dict, procs: int):
         "train": {"global_batch": b * procs, "micro_batch": b, "bf16": spec["dtype"] == "bf16",
                   "channels_last": spec["channels_last"], "threads": spec["threads"],
                   "compile": spec.get("compile", False), "keep_freed_memory": spec.get("keep_freed_memory", True),
-                  "steps": spec["warmup"] + 1 + spec["steps"] * spec["repeats"]},  # + the counted step
+                  "deterministic": spec.get("deterministic", True),
+                  # + the step whose operations are counted, + the GPU's extra repeat for the parts
+                  "steps": spec["warmup"] + 1 + spec["steps"] * (spec["repeats"] + 1)},
         # PowerSGD compresses from the 3rd step: the warm-up steps also warm its factors
         "optim": {"name": "sgd"}, "dist": {"allreduce_bf16": spec.get("allreduce_bf16", False),
                                            "powersgd_rank": spec.get("powersgd_rank", 0), "powersgd_start_steps": 2}})
@@ -185,7 +189,7 @@ def worker(spec: dict, out: Path) -> None:
               "images_per_sec": statistics.fmean(rates), "images_per_sec_runs": rates,
               "images_per_sec_spread": statistics.stdev(rates) if len(rates) > 1 else 0.0,
               "breakdown": {k: statistics.fmean(p[k] for p in parts) for k in parts[0]},
-              "gradient_bytes": grad_bytes,
+              "gradient_bytes": grad_bytes, "bn_group_size": run.cfg.model.bn_group_size,
               "parameters": sum(p.numel() for p in run.model.parameters()),
               "flops_per_image": flops_per_image,
               "achieved_gflops": statistics.fmean(rates) * flops_per_image / 1e9}
@@ -207,9 +211,10 @@ def worker(spec: dict, out: Path) -> None:
 def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int = 2, repeats: int = 3,
           dtype: str = "fp32", threads: int = 0, procs: list[int] = (1,), image_size: int = 224,
           channels_last: bool = False, mode: str = "weak", allreduce: bool = True, compile: bool = False,
-          keep_freed_memory: bool = True) -> dict:
+          keep_freed_memory: bool = True, bn_group_size: int | None = None, deterministic: bool = True) -> dict:
     """Measure each process count; weak scaling keeps `batch` per process, strong scaling
-    keeps the global batch batch * max(procs)."""
+    keeps the global batch batch * max(procs). bn_group_size: None = 32 where it divides
+    the batch (the training default), 0 = BN over each process's whole batch."""
     from .models import CIFAR
     cifar = model in CIFAR
     runs = []
@@ -218,12 +223,13 @@ def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int 
         spec = {"model": model, "batch": per_proc, "steps": steps, "warmup": warmup, "repeats": repeats,
                 "dtype": dtype, "threads": threads or max(1, dist.usable_cores() // p), "image_size": 32 if cifar else image_size,
                 "classes": 10 if cifar else 1000, "channels": 3, "channels_last": channels_last,
-                "allreduce": allreduce, "compile": compile, "keep_freed_memory": keep_freed_memory}
+                "allreduce": allreduce, "compile": compile, "keep_freed_memory": keep_freed_memory,
+                "bn_group_size": bn_group_size, "deterministic": deterministic}
         runs.append(launch(spec, p))
     base = runs[0]["images_per_sec"] / runs[0]["procs"]
     result = {"model": model, "batch_per_process": batch, "dtype": dtype, "image_size": image_size,
               "channels_last": channels_last, "compile": compile, "keep_freed_memory": keep_freed_memory,
-              "mode": mode, "cores": dist.usable_cores(),
+              "bn_group_size": runs[0]["bn_group_size"], "deterministic": deterministic, "mode": mode, "cores": dist.usable_cores(),
               "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
               "breakdown": runs[0]["breakdown"], "runs": runs,
               "flops_per_image": runs[0]["flops_per_image"], "matmul_gflops": runs[0].get("matmul_gflops"),

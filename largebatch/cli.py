@@ -188,7 +188,8 @@ def cmd_bench(args) -> None:
     procs = [int(p) for p in args.procs.split(",")]
     r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, procs,
               args.image_size, args.channels_last, args.mode, compile=args.compile,
-              keep_freed_memory=not args.system_malloc)
+              keep_freed_memory=not args.system_malloc, bn_group_size=args.bn_group_size,
+              deterministic=not args.nondeterministic)
     print(f"{r['model']} {r['dtype']}, batch {r['batch_per_process']} per process ({r['mode']} scaling):")
     for run, s in zip(r["runs"], r["scaling"]):
         b = run["breakdown"]
@@ -456,6 +457,10 @@ def parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (the warmup steps include the compile time)")
     b.add_argument("--system-malloc", action="store_true",
                    help="leave malloc as the C library sets it (train.keep_freed_memory=false)")
+    b.add_argument("--nondeterministic", action="store_true",
+                   help="on a GPU, cuDNN's fastest algorithms, timed per shape (train.deterministic=false)")
+    b.add_argument("--bn-group-size", type=int,
+                   help="samples per BN group (0 = the whole batch; default 32 where it divides the batch)")
     b.add_argument("--out", help="write the JSON here")
     b.add_argument("--plot", help="write a PNG here")
     b.set_defaults(func=cmd_bench)

@@ -249,6 +249,12 @@ class TrainConfig:
     keep_freed_memory: bool = True
     """Keep freed memory in the process rather than returning it to the kernel after
     every step (glibc's malloc; largebatch/malloc.py). False = the C library's default."""
+    deterministic: bool = True
+    """On a GPU: cuDNN's deterministic algorithms and torch's deterministic kernels (a
+    warning names any operation that has none), so that a resumed run, or the same run
+    twice, matches to the bit, as on CPUs, whose kernels are deterministic anyway.
+    False = cuDNN times its algorithms per shape and takes the fastest (benchmark mode),
+    whose results differ from run to run (docs/BENCHMARKS.md, "GPU")."""
     eval_every_epochs: float = 1.0
     eval_batch: int = 500
     log_every_steps: int = 10

@@ -53,6 +53,17 @@ def prepare_process(t: TrainConfig, info: dist.DistInfo) -> None:
         malloc.keep_freed_memory()
 
 
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """train.deterministic, on a GPU (CPU kernels are deterministic)."""
+    if device.type != "cuda":
+        return
+    if deterministic:  # cuBLAS reduces in a fixed order only with a fixed workspace; read at its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 @dataclass
 class Run:
     """Everything the loop needs, built once by setup()."""
@@ -167,6 +178,7 @@ def build(cfg: Config, out: Path) -> Run:
     written in the run directory yet."""
     info = dist.from_env()
     device = pick_device(info)
+    set_determinism(cfg.train.deterministic, device)
     dist.init(device, info, cfg.dist.interface, cfg.dist.connect_timeout_s)
     prepare_process(cfg.train, info)
     cfg = resolve_auto(cfg, device)

@@ -22,6 +22,7 @@ def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path
     assert r["scaling"][0]["efficiency"] == pytest.approx(1.0)
     assert r["scaling"][1]["efficiency"] == pytest.approx(two["images_per_sec"] / (2 * one["images_per_sec"]))
     assert two["global_batch"] == 64 and one["global_batch"] == 32            # weak scaling
+    assert r["bn_group_size"] == 32                                            # the training default
     for run in r["runs"]:
         b = run["breakdown"]
         parts = b["data"] + b["forward"] + b["backward"] + b["comm_exposed"] + b["optimizer"]
@@ -29,6 +30,13 @@ def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path
     a = two["allreduce"]
     assert a["alpha"] >= 0 and a["beta"] > 0 and len(a["points"]) >= 3
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("asked,batch,expect", [(None, 64, 32), (None, 48, 0), (0, 64, 0), (16, 64, 16)])
+def test_bench_bn_groups_default_to_trainings_and_can_be_set(asked, batch, expect):
+    spec = {"model": "resnet8", "batch": batch, "image_size": 32, "classes": 10, "channels": 3, "dtype": "fp32",
+            "channels_last": False, "threads": 1, "warmup": 1, "steps": 1, "repeats": 1, "bn_group_size": asked}
+    assert bench.bench_config(spec, 1).model.bn_group_size == expect
 
 
 def test_the_ceiling_is_the_faster_of_the_matrix_product_and_the_1x1_convolution(monkeypatch):

@@ -7,6 +7,10 @@ from largebatch.config import ConfigError, ModelConfig
 from largebatch.models import build_model, group_bn, model_channels
 
 
+# The BN-group kernels are called directly (aten's native batch norm): on a GPU too.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
 def n_params(m):
     return sum(p.numel() for p in m.parameters())
 
@@ -45,15 +49,16 @@ def test_channel_mismatch_names_the_key():
         model_channels(ModelConfig(name="vgg16"), 3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_group_bn_normalises_each_group_like_plain_bn(fmt):
+def test_group_bn_normalises_each_group_like_plain_bn(fmt, device):
     """Forward and backward, in both memory formats: each group is its own batch."""
     torch.manual_seed(0)
-    x = (torch.randn(12, 3, 5, 5) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
-    gbn = group_bn.GroupBatchNorm2d(3, group_size=4)
+    x = (torch.randn(12, 3, 5, 5, device=device) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
+    gbn = group_bn.GroupBatchNorm2d(3, group_size=4).to(device)
     nn.init.uniform_(gbn.weight)
     nn.init.uniform_(gbn.bias)
-    ref = nn.BatchNorm2d(3)
+    ref = nn.BatchNorm2d(3).to(device)
     ref.load_state_dict(gbn.state_dict())
     x_ref = x.detach().contiguous().requires_grad_()
     y, want = gbn(x), torch.cat([ref(part) for part in x_ref.split(4)])
@@ -125,13 +130,19 @@ def test_group_bn_rejects_ragged_batch():
         gbn(torch.randn(6, 2, 3, 3))
 
 
-def test_group_bn_under_bf16_autocast():
-    gbn = group_bn.GroupBatchNorm2d(4, group_size=2)
-    conv = nn.Conv2d(3, 4, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = gbn(conv(torch.randn(4, 3, 8, 8)))
-    assert torch.isfinite(y.float()).all()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_group_bn_under_bf16_autocast(fmt, device):
+    """bf16 activations, fp32 parameters and statistics, as in training."""
+    gbn = group_bn.GroupBatchNorm2d(4, group_size=2).to(device)
+    conv = nn.Conv2d(3, 4, 3).to(device, memory_format=fmt)
+    x = torch.randn(4, 3, 8, 8, device=device).contiguous(memory_format=fmt)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = gbn(conv(x))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     assert gbn.stat_count.item() == 2
+    y.float().square().sum().backward()
+    assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(gbn.weight.grad).all()
 
 
 def test_sync_bn_on_one_process_equals_plain_bn_forward_and_backward():
