@@ -128,6 +128,7 @@ def test_weight_average_and_bn_recomputation_by_hand():
     group statistics a training-mode pass computes, checked on a first BN layer whose
     input is the data itself."""
     from largebatch.averaging import average_states, recompute_bn
+    from largebatch.data import model_input
     from largebatch.data.synthetic import Synthetic
     from largebatch.models.group_bn import convert
     torch.manual_seed(0)
@@ -148,7 +149,8 @@ def test_weight_average_and_bn_recomputation_by_hand():
     model = nets[0]
     model.load_state_dict(avg)
     assert recompute_bn(model, data, 16, 40, torch.device("cpu")) == 32  # whole batches of 16 only
-    x = torch.stack([data[BatchSpec(tuple(range(i, i + 16)), 0)][0] for i in (0, 16)]).float()  # 2 x 16 samples
+    x = torch.stack([model_input(data[BatchSpec(tuple(range(i, i + 16)), 0)][0], torch.device("cpu"))
+                     for i in (0, 16)])  # 2 x 16 samples, normalised as the model sees them
     groups = x.reshape(4, 8, 3, 6, 6)  # groups of 8 samples, as in training
     mean = groups.mean(dim=(1, 3, 4)).mean(0)
     var = groups.var(dim=(1, 3, 4), correction=1).mean(0)
