@@ -1,0 +1,123 @@
+"""BatchNorm over groups of samples, four ways, on the BN inputs of one ResNet-50 step:
+forward + backward of all 53 BN layers, bf16 activations in channels_last, on the GPU
+where there is one. Each form is first checked against the layer's own output and
+gradients; the time is the least of 3 repeats, each the mean of `--calls` passes.
+
+    python experiments/bn_group_forms.py --batch 256 --group 32 --out docs/bench/bn_group_forms.json
+
+Forms:
+- per group: GroupBatchNorm2d as training runs it (the native kernels once per group);
+- gathered: the groups as k x c channels of one batch of `group` samples, one native
+  call, with a transposing copy in and out (the layer's form before 2026-11-27);
+- reductions: GroupBatchNorm2d._fusable run eagerly (the form torch.compile traces);
+- plain BN: one native call over the whole batch (no groups: what groups cost).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from largebatch import malloc  # noqa: E402
+from largebatch.models.group_bn import GroupBatchNorm2d  # noqa: E402
+
+
+def bn_input_shapes(batch: int, device: torch.device) -> list[tuple[int, ...]]:
+    """The shape of every BN layer's input in a ResNet-50 forward pass."""
+    model = torchvision.models.resnet50().to(device, memory_format=torch.channels_last)
+    shapes = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    return [(batch, *s[1:]) for s in shapes]
+
+
+def gathered(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    n, c = x.shape[:2]
+    g = layer.group_size
+    k = n // g
+    mean, var = torch.zeros(k * c, device=x.device), torch.zeros(k * c, device=x.device)
+    xg = x.reshape(k, g, *x.shape[1:]).transpose(0, 1).reshape(g, k * c, *x.shape[2:])
+    yg = F.batch_norm(xg, mean, var, layer.weight.repeat(k), layer.bias.repeat(k), True, 1.0, layer.eps)
+    layer._add_stats(mean.view(k, c), var.view(k, c))
+    return yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous(memory_format=torch.channels_last)
+
+
+FORMS = {
+    "per group": lambda layer, x: layer(x),
+    "gathered": gathered,
+    "reductions": lambda layer, x: layer._fusable(x, x.shape[0] // layer.group_size, layer.group_size),
+    "plain BN": lambda layer, x: F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--group", type=int, default=32)
+    p.add_argument("--calls", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    malloc.keep_freed_memory()  # as training does (train.keep_freed_memory)
+    torch.manual_seed(0)
+    shapes = bn_input_shapes(args.batch, device)
+    layers = [GroupBatchNorm2d(s[1], group_size=args.group).to(device) for s in shapes]
+    xs = [torch.randn(s, device=device, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+          .requires_grad_() for s in shapes]
+    dys = [torch.randn_like(x) for x in xs]
+
+    def step(form) -> list[torch.Tensor]:
+        outs = [FORMS[form](layer, x) for layer, x in zip(layers, xs)]
+        torch.autograd.backward(outs, dys)
+        return outs
+
+    # every form computes what the layer computes (the first, largest layer checked)
+    want = FORMS["per group"](layers[0], xs[0])
+    want_dx, = torch.autograd.grad(want, xs[0], dys[0])
+    for form in ("gathered", "reductions"):
+        got = FORMS[form](layers[0], xs[0])
+        got_dx, = torch.autograd.grad(got, xs[0], dys[0])
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_dx.float(), want_dx.float(), rtol=2e-2, atol=2e-2)
+
+    ms = {}
+    for form in FORMS:
+        step(form)  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.calls):
+                for x in xs:
+                    x.grad = None
+                step(form)
+            sync(device)
+            best = min(best, (time.perf_counter() - t0) / args.calls * 1e3)
+        ms[form] = best
+        print(f"{form:12s} {best:8.2f} ms per step (53 layers, forward + backward)", flush=True)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "batch": args.batch, "group": args.group, "layers": len(shapes),
+              "ms_per_step": ms, "vs_per_group": {f: ms["per group"] / v for f, v in ms.items()}}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
