@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks, as one command of under 10 minutes on a machine with one CUDA GPU and
-# PyTorch installed (no network needed), from the repository root:
+# The GPU checks, on a machine with one CUDA GPU and PyTorch installed (no network
+# needed), from the repository root; all steps take about 10 minutes on an H200:
 #
 #   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # on a machine that has it
+#   mkdir -p .gpu/timm && cp -r PYTORCH_IMAGE_MODELS/{train.py,timm} .gpu/timm/   # for vs-timm
 #   bash experiments/gpu_check.sh OUT [ARCHIVE.tgz]
 #
 # What it writes to OUT: env.txt (GPU, driver, torch), tests.out (the GPU tests, the BN
@@ -15,12 +16,13 @@
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
 # study's batch 672, to set beside the CPU's); e2e_shards_* and e2e_folder_* (ResNet-50
 # trained end to end from tar shards and from a JPEG folder: summary and per-step
-# metrics); and *.out, each step's output. With ARCHIVE, OUT is packed into it after each
-# step, so that what finished comes back as one file even if the command is stopped.
-# Each step has its own time limit, so a step that hangs costs only its share and the
-# others still report. ONLY="tests bench-groups ..." runs the steps named. EPOCHS, BATCH,
-# BENCH_STEPS and E2E_STEPS shrink the runs (to try the script
-# where there is no GPU).
+# metrics); vs_timm.json (ResNet-50 from the same JPEG tree, largebatch beside timm's
+# train.py on the GPU: experiments/vs_timm.py); and *.out, each step's output. With
+# ARCHIVE, OUT is packed into it after each step, so that what finished comes back as one
+# file even if the command is stopped. Each step has its own time limit, so a step that
+# hangs costs only its share and the others still report. ONLY="tests bench-groups ..."
+# runs the steps named. EPOCHS, BATCH, BENCH_STEPS and E2E_STEPS shrink the runs (to try
+# the script where there is no GPU).
 set -u
 OUT=${1:-gpu-check}
 ARCHIVE=${2:-}
@@ -31,7 +33,8 @@ PY=${PYTHON:-python3}
 EPOCHS=${EPOCHS:-12} BATCH=${BATCH:-256} E2E_STEPS=${E2E_STEPS:-40} BENCH_STEPS=${BENCH_STEPS:-20}
 SCRATCH=$(mktemp -d)
 WORKERS=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))  # loader processes: the cores but the trainer's
-export OUT SCRATCH PY BATCH E2E_STEPS WORKERS
+TIMM=${TIMM:-$PWD/.gpu/timm}  # a checkout of pytorch-image-models (train.py and timm/ suffice)
+export OUT SCRATCH PY BATCH E2E_STEPS WORKERS TIMM
 
 { nvidia-smi -L; nvidia-smi --query-gpu=driver_version,memory.total,clocks.max.sm,power.limit --format=csv,noheader
   nproc
@@ -87,3 +90,13 @@ export -f e2e
 step 130 e2e bash -c e2e
 
 step 140 bench-compiled $PY "${BENCH[@]}" --compile --out "$OUT/bench_compiled.json"
+
+vs_timm() {  # largebatch beside timm's train.py on the GPU: same settings, and each tool's defaults
+    [ -f "$TIMM/train.py" ] || { echo "no timm checkout at $TIMM"; return 1; }
+    $PY experiments/vs_timm.py --timm "$TIMM" --device cuda --batch "$BATCH" --workers "$WORKERS" \
+        --steps "$E2E_STEPS" --defaults-batch "$BATCH" --per-class 260 --tree "$SCRATCH/vs_timm" --rounds 1 \
+        --only "timm same" "largebatch same" "largebatch shards same" "timm defaults" "largebatch defaults" \
+        --out "$OUT/vs_timm.json"
+}
+export -f vs_timm
+step 180 vs-timm bash -c vs_timm

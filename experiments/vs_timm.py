@@ -12,8 +12,8 @@ the rate is the images of the steps after the warm-up over their summed time.
 Variants:
 - same settings: batch 16, bf16 autocast, channels_last, 1 loader worker, no compile,
   RandomResizedCrop + flip (timm's colour jitter off, as largebatch has none);
-- defaults: batch 32 in both (the only setting given besides the data and the CPU), every
-  other choice each tool's own (workers, precision, memory layout, augmentation);
+- defaults: batch 32 in both (the only setting given besides the data and the device),
+  every other choice each tool's own (workers, precision, memory layout, augmentation);
 - largebatch from shards packed at shorter side 256, same settings, beside timm's folder.
 """
 from __future__ import annotations
@@ -36,32 +36,45 @@ from largebatch.malloc import TUNABLES
 PER_CLASS = 40  # 400 training images: 25 steps of 16, 12 of 32
 
 
-def variants(tree: Path, shards: Path, timm: Path, work: Path) -> dict[str, tuple[list[str], int]]:
-    """name: (command, batch)."""
+def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cpu", batch: int = 16,
+             workers: int = 1, steps: int = 25, defaults_batch: int = 32,
+             images: int = 10 * PER_CLASS) -> dict[str, tuple[list[str], int]]:
+    """name: (command, batch). `images`: the tree's training images, which set the epochs
+    that timm (which counts in epochs) needs for `steps` steps."""
+    def epochs(b: int, n: int) -> str:
+        return str(-(-n * b // images))
     lb = [sys.executable, "-m", "largebatch", "train", "--recipe", "goyal-8k", "--set", "train.log_every_steps=1",
           "--set", "schedule.warmup_epochs=0.1",  # the recipe's 5 epochs are longer than these runs
           "--set", "train.eval_every_epochs=0"]
-    same_lb = ["--global-batch", "16", "--micro-batch", "16", "--steps", "25", "--set", "train.bf16=true",
-               "--set", "train.channels_last=true", "--set", "data.workers=1", "--set", "train.compile=false",
-               "--set", "model.bn_group_size=0"]  # BN over the whole batch of 16, as timm
+    same_lb = ["--global-batch", str(batch), "--micro-batch", str(batch), "--steps", str(steps),
+               "--set", "train.bf16=true", "--set", "train.channels_last=true", "--set", f"data.workers={workers}",
+               "--set", "train.compile=false",
+               "--set", "model.bn_group_size=0"]  # BN over the whole batch, as timm
+    if device == "cuda":  # timm lets cuDNN pick its fastest algorithms (cudnn.benchmark)
+        same_lb += ["--set", "train.deterministic=false"]
     tm = [sys.executable, str(timm / "train.py"), "--data-dir", str(tree), "--model", "resnet50", "--num-classes", "10",
-          "--device", "cpu", "--epochs", "1", "--log-interval", "1", "--output", str(work / "timm")]
+          "--device", device, "--log-interval", "1", "--output", str(work / "timm")]
+    same_tm = ["-b", str(batch), "-j", str(workers), "--epochs", epochs(batch, steps), "--amp", "--amp-dtype",
+               "bfloat16", "--channels-last", "--color-jitter", "0"]
+    defaults_steps = max(1, steps * batch // defaults_batch)
     return {
-        "timm same": (tm + ["-b", "16", "-j", "1", "--amp", "--amp-dtype", "bfloat16", "--channels-last",
-                            "--color-jitter", "0"], 16),
-        "largebatch same": (lb + ["--data", str(tree), *same_lb, "--out", str(work / "lb")], 16),
-        "largebatch shards same": (lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb, "--out", str(work / "lbs")], 16),
+        "timm same": (tm + same_tm, batch),
+        "largebatch same": (lb + ["--data", str(tree), *same_lb, "--out", str(work / "lb")], batch),
+        "largebatch shards same": (lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb,
+                                         "--out", str(work / "lbs")], batch),
         "largebatch same loading in the training process": (
-            lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], 16),
+            lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], batch),
         # timm with glibc told to keep freed memory, as largebatch does by default
         # (train.keep_freed_memory): what the same allocator setting is worth to timm
-        "timm same malloc kept": (tm + ["-b", "16", "-j", "1", "--amp", "--amp-dtype", "bfloat16", "--channels-last",
-                                        "--color-jitter", "0"], 16),
+        "timm same malloc kept": (tm + same_tm, batch),
         "largebatch same system malloc": (lb + ["--data", str(tree), *same_lb, "--set", "train.keep_freed_memory=false",
-                                                "--out", str(work / "lb")], 16),
-        "timm defaults": (tm + ["-b", "32"], 32),
-        "largebatch defaults": (lb + ["--data", str(tree), "--global-batch", "32", "--steps", "12",
-                                      "--out", str(work / "lbd")], 32),
+                                                "--out", str(work / "lb")], batch),
+        "timm defaults": (tm + ["-b", str(defaults_batch), "--epochs", epochs(defaults_batch, defaults_steps)],
+                          defaults_batch),
+        # the batch in one forward pass, as timm's -b (the recipe's micro-batch is 32)
+        "largebatch defaults": (lb + ["--data", str(tree), "--global-batch", str(defaults_batch),
+                                      "--micro-batch", str(defaults_batch), "--steps", str(defaults_steps),
+                                      "--out", str(work / "lbd")], defaults_batch),
     }
 
 
@@ -102,17 +115,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of each rate")
     p.add_argument("--only", nargs="*", help="variant names (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to compare on a GPU")
+    p.add_argument("--batch", type=int, default=16, help="the same-settings variants' batch")
+    p.add_argument("--workers", type=int, default=1, help="the same-settings variants' loader workers")
+    p.add_argument("--steps", type=int, default=25, help="the same-settings variants' steps")
+    p.add_argument("--defaults-batch", type=int, default=32, help="the defaults variants' batch")
+    p.add_argument("--per-class", type=int, default=PER_CLASS, help="training images per class of a new tree")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     tree, shards = a.tree / "jpeg", a.tree / "shards"
     if not (tree / "train").is_dir():
         subprocess.run([sys.executable, str(ROOT / "experiments/make_jpeg_tree.py"), str(tree), "--per-class",
-                        str(PER_CLASS), "--val-per-class", "2"], check=True)
+                        str(a.per_class), "--val-per-class", "2"], check=True)
     if not shards.is_dir():
         subprocess.run([sys.executable, "-m", "largebatch", "pack", str(tree), str(shards), "--resize-shorter", "256"],
                        cwd=ROOT, check=True)
     work = a.tree / "work"
-    todo = {k: v for k, v in variants(tree, shards, a.timm.resolve(), work).items() if not a.only or k in a.only}
+    images = sum(1 for f in (tree / "train").rglob("*") if f.is_file())
+    todo = {k: v for k, v in variants(tree, shards, a.timm.resolve(), work, a.device, a.batch, a.workers, a.steps,
+                                      a.defaults_batch, images).items() if not a.only or k in a.only}
     results: dict[str, list[dict]] = {k: [] for k in todo}
     for r in range(a.rounds):
         for name, (cmd, batch) in todo.items():

@@ -85,3 +85,12 @@ def test_learns_fashion_mnist(tmp_path, fmnist_dir):
               "--out", str(out), "--set", "schedule.warmup_epochs=0.2", "--set", "train.eval_every_epochs=0"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["top1"] >= 0.80, summary
+
+
+def test_determinism_settings_leave_a_cpu_run_alone():
+    """train.deterministic acts on GPUs; CPU kernels are deterministic already."""
+    from largebatch.train import set_determinism
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    set_determinism(True, torch.device("cpu"))
+    set_determinism(False, torch.device("cpu"))
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
