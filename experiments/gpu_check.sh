@@ -7,7 +7,8 @@
 #   bash experiments/gpu_check.sh OUT [ARCHIVE.tgz]
 #
 # What it writes to OUT: env.txt (GPU, driver, torch), tests.out (the GPU tests, the BN
-# group tests and the single-process training tests, all on the GPU); bench_groups.json
+# group tests, and the single-process training, ensemble, reliability and checkpoint
+# tests, all on the GPU); bench_groups.json
 # (ResNet-50, bf16, channels_last, synthetic data, BN over groups of 32, deterministic
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
@@ -54,8 +55,11 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, its output in O
     [ -z "$ARCHIVE" ] || tar czf "$ARCHIVE" -C "$OUT" .
 }
 
-step 140 tests $PY -m pytest -q --maxfail=5 --runxfail -p no:cacheprovider -W ignore::DeprecationWarning \
-    tests/test_cuda.py tests/test_models.py tests/test_train.py tests/test_noise_scale.py
+# one process per GPU: the two-process Ctrl-C test needs a second GPU
+step 200 tests $PY -m pytest -q --maxfail=5 --runxfail -p no:cacheprovider -W ignore::DeprecationWarning \
+    tests/test_cuda.py tests/test_models.py tests/test_train.py tests/test_noise_scale.py tests/test_ensemble.py \
+    tests/test_reliability.py tests/test_checkpoint.py \
+    --deselect "tests/test_reliability.py::test_ctrl_c_checkpoints_and_exits_130[2]"
 
 BENCH=(-m largebatch bench --model resnet50 --batch "$BATCH" --dtype bf16 --channels-last --steps "$BENCH_STEPS" --warmup 5 --repeats 3)
 step 60 bench-groups $PY "${BENCH[@]}" --out "$OUT/bench_groups.json"
