@@ -148,7 +148,11 @@ def main() -> None:
                 v["vs_timm"] = v["images_per_sec"] / base["images_per_sec"]
     timm_rev = subprocess.run(["git", "-C", str(a.timm), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     doc = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "timm_commit": timm_rev.strip(),
-           "warmup_steps": a.warmup, "variants": summary}
+           "device": a.device, "batch": a.batch, "workers": a.workers, "steps": a.steps,
+           "defaults_batch": a.defaults_batch, "warmup_steps": a.warmup, "variants": summary}
+    if a.device == "cuda":
+        import torch
+        doc["gpu"] = torch.cuda.get_device_name(0)
     for k, v in summary.items():
         print(f"{k:24s} {v['images_per_sec']:7.2f} images/s" + (f"  {v['vs_timm']:.2f}x timm" if "vs_timm" in v else ""))
     if a.out:

@@ -229,7 +229,8 @@ def bench(model: str = "resnet50", batch: int = 16, steps: int = 5, warmup: int 
     base = runs[0]["images_per_sec"] / runs[0]["procs"]
     result = {"model": model, "batch_per_process": batch, "dtype": dtype, "image_size": image_size,
               "channels_last": channels_last, "compile": compile, "keep_freed_memory": keep_freed_memory,
-              "bn_group_size": runs[0]["bn_group_size"], "deterministic": deterministic, "mode": mode, "cores": dist.usable_cores(),
+              "bn_group_size": runs[0]["bn_group_size"], "deterministic": deterministic, "mode": mode,
+              "cores": dist.usable_cores(),
               "images_per_sec": runs[0]["images_per_sec"], "images_per_sec_spread": runs[0]["images_per_sec_spread"],
               "breakdown": runs[0]["breakdown"], "runs": runs,
               "flops_per_image": runs[0]["flops_per_image"], "matmul_gflops": runs[0].get("matmul_gflops"),
