@@ -1,4 +1,4 @@
-"""BatchNorm over groups of samples, four ways, on the BN inputs of one ResNet-50 step:
+"""BatchNorm over groups of samples, five ways, on the BN inputs of one ResNet-50 step:
 forward + backward of all 53 BN layers, bf16 activations in channels_last, on the GPU
 where there is one. Each form is first checked against the layer's own output and
 gradients; the time is the least of 3 repeats, each the mean of `--calls` passes.
@@ -7,6 +7,8 @@ gradients; the time is the least of 3 repeats, each the mean of `--calls` passes
 
 Forms:
 - per group: GroupBatchNorm2d as training runs it (the native kernels once per group);
+- per group, F.batch_norm + cat: the same through the public function, which runs cuDNN's
+  kernels on a GPU, and one copy to join the groups;
 - gathered: the groups as k x c channels of one batch of `group` samples, one native
   call, with a transposing copy in and out (the layer's form before 2026-11-27);
 - reductions: GroupBatchNorm2d._fusable run eagerly (the form torch.compile traces);
@@ -54,8 +56,20 @@ def gathered(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous(memory_format=torch.channels_last)
 
 
+def per_group_functional(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """F.batch_norm per group (cuDNN's kernels on a GPU, where the layer calls aten's native
+    ones), joined by one copy; autograd runs each group's backward."""
+    k, c = x.shape[0] // layer.group_size, x.shape[1]
+    mean, var = torch.zeros(k, c, device=x.device), torch.zeros(k, c, device=x.device)
+    ys = [F.batch_norm(xi, mean[i], var[i], layer.weight, layer.bias, True, 1.0, layer.eps)
+          for i, xi in enumerate(x.chunk(k))]
+    layer._add_stats(mean, var)
+    return torch.cat(ys).contiguous(memory_format=torch.channels_last)
+
+
 FORMS = {
     "per group": lambda layer, x: layer(x),
+    "per group, F.batch_norm + cat": per_group_functional,
     "gathered": gathered,
     "reductions": lambda layer, x: layer._fusable(x, x.shape[0] // layer.group_size, layer.group_size),
     "plain BN": lambda layer, x: F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps),
@@ -91,7 +105,7 @@ def main() -> None:
     # every form computes what the layer computes (the first, largest layer checked)
     want = FORMS["per group"](layers[0], xs[0])
     want_dx, = torch.autograd.grad(want, xs[0], dys[0])
-    for form in ("gathered", "reductions"):
+    for form in ("per group, F.batch_norm + cat", "gathered", "reductions"):
         got = FORMS[form](layers[0], xs[0])
         got_dx, = torch.autograd.grad(got, xs[0], dys[0])
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
@@ -111,7 +125,7 @@ def main() -> None:
             sync(device)
             best = min(best, (time.perf_counter() - t0) / args.calls * 1e3)
         ms[form] = best
-        print(f"{form:12s} {best:8.2f} ms per step (53 layers, forward + backward)", flush=True)
+        print(f"{form:30s} {best:8.2f} ms per step (53 layers, forward + backward)", flush=True)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "batch": args.batch, "group": args.group, "layers": len(shapes),
               "ms_per_step": ms, "vs_per_group": {f: ms["per group"] / v for f, v in ms.items()}}

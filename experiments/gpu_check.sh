@@ -12,7 +12,7 @@
 # (ResNet-50, bf16, channels_last, synthetic data, BN over groups of 32, deterministic
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
-# bench_compiled.json (the first with torch.compile); bn_group_forms.json (four ways to
+# bench_compiled.json (the first with torch.compile); bn_group_forms.json (five ways to
 # normalise groups of 32, timed on the BN inputs of a ResNet-50 step);
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
 # study's batch 672, to set beside the CPU's); e2e_shards_* and e2e_folder_* (ResNet-50
