@@ -21,8 +21,12 @@ import torch
 
 from . import dist
 from .autotune import synchronize
+from .errors import UserError
 
 PARTS = ("data", "forward", "backward", "optimizer")
+
+
+ERROR = "largebatch: error: "  # how a worker says what the user must change
 
 
 def free_port() -> int:
@@ -53,6 +57,9 @@ def launch(spec: dict, procs: int, timeout: float = 3600, cluster=None) -> dict:
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         logs = [w.communicate(timeout=timeout)[0] for w in workers]
         failed = [rank for rank, w in enumerate(workers) if w.returncode]
+        said = [line.removeprefix(ERROR) for r in failed for line in logs[r].splitlines() if line.startswith(ERROR)]
+        if said:  # a worker's one-line error (a bad setting, more processes than GPUs) is the user's to fix
+            raise UserError(f"bench: {said[0]}")
         if failed:
             raise RuntimeError(f"bench: worker rank(s) {failed} of {procs} failed:\n" +
                                "\n".join(f"--- rank {r}:\n{logs[r][-3000:]}" for r in failed))
@@ -266,5 +273,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    worker(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    try:
+        worker(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    except UserError as e:
+        print(f"{ERROR}{e}", flush=True)
+        sys.exit(2)
     dist.exit_after_group()

@@ -32,6 +32,13 @@ def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path
     assert png.stat().st_size > 1000
 
 
+def test_bench_reports_a_workers_setting_error_in_one_line():
+    proc = run_cli("bench", "--model", "vgg16", "--steps", "1", "--repeats", "1", "--warmup", "0", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip() == proc.stderr.strip().splitlines()[-1]  # one line
+    assert "largebatch: error: bench: model.name: unknown model 'vgg16'" in proc.stderr
+
+
 @pytest.mark.parametrize("asked,batch,expect", [(None, 64, 32), (None, 48, 0), (0, 64, 0), (16, 64, 16)])
 def test_bench_bn_groups_default_to_trainings_and_can_be_set(asked, batch, expect):
     spec = {"model": "resnet8", "batch": batch, "image_size": 32, "classes": 10, "channels": 3, "dtype": "fp32",
