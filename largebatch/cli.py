@@ -22,6 +22,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_or_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. 1,2,4."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def _train_overrides(args) -> list[str]:
     flags = [("data.path", args.data), ("data.stage_to", args.stage_to), ("data.strict", args.strict or None),
              ("train.epochs", args.epochs), ("train.steps", args.steps),
@@ -185,8 +200,7 @@ def cmd_bench_data(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import bench, plot
-    procs = [int(p) for p in args.procs.split(",")]
-    r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, procs,
+    r = bench(args.model, args.batch, args.steps, args.warmup, args.repeats, args.dtype, args.threads, args.procs,
               args.image_size, args.channels_last, args.mode, compile=args.compile,
               keep_freed_memory=not args.system_malloc, bn_group_size=args.bn_group_size,
               deterministic=not args.nondeterministic)
@@ -442,16 +456,16 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="training images/s, step breakdown and scaling on synthetic data")
     b.add_argument("--model", default="resnet50")
-    b.add_argument("--batch", type=int, default=16, help="images per process per step")
-    b.add_argument("--steps", type=int, default=5, help="measured steps per repeat")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--batch", type=positive_int, default=16, help="images per process per step")
+    b.add_argument("--steps", type=positive_int, default=5, help="measured steps per repeat")
+    b.add_argument("--warmup", type=count_or_zero, default=2)
+    b.add_argument("--repeats", type=positive_int, default=3)
     b.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    b.add_argument("--threads", type=int, default=0, help="threads per process (0 = cores / processes)")
-    b.add_argument("--procs", default="1", help="process counts to sweep, e.g. 1,2")
+    b.add_argument("--threads", type=count_or_zero, default=0, help="threads per process (0 = cores / processes)")
+    b.add_argument("--procs", type=positive_ints, default=[1], help="process counts to sweep, e.g. 1,2")
     b.add_argument("--mode", choices=["weak", "strong"], default="weak",
                    help="weak: --batch per process; strong: global batch = batch x max(procs)")
-    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--image-size", type=positive_int, default=224)
     b.add_argument("--channels-last", action="store_true")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the model (the warmup steps include the compile time)")
@@ -459,7 +473,7 @@ def parser() -> argparse.ArgumentParser:
                    help="leave malloc as the C library sets it (train.keep_freed_memory=false)")
     b.add_argument("--nondeterministic", action="store_true",
                    help="on a GPU, cuDNN's fastest algorithms, timed per shape (train.deterministic=false)")
-    b.add_argument("--bn-group-size", type=int,
+    b.add_argument("--bn-group-size", type=count_or_zero,
                    help="samples per BN group (0 = the whole batch; default 32 where it divides the batch)")
     b.add_argument("--out", help="write the JSON here")
     b.add_argument("--plot", help="write a PNG here")

@@ -32,6 +32,14 @@ def test_bench_sweep_reports_throughput_breakdown_scaling_and_allreduce(tmp_path
     assert png.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("flag,value,says", [("--procs", "1,x", "expected a positive integer, got 'x'"),
+                                              ("--procs", "0", "must be positive"), ("--steps", "0", "must be positive"),
+                                              ("--warmup", "-1", "must be 0 or more")])
+def test_bench_rejects_bad_counts_before_starting(flag, value, says):
+    proc = run_cli("bench", flag, value, check=False, timeout=60)
+    assert proc.returncode == 2 and f"argument {flag}: {says}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_bench_reports_a_workers_setting_error_in_one_line():
     proc = run_cli("bench", "--model", "vgg16", "--steps", "1", "--repeats", "1", "--warmup", "0", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
