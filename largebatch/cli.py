@@ -32,6 +32,16 @@ def count_or_zero(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """A comma-separated list of positive integers, e.g. 1,2,4."""
     return [positive_int(part) for part in text.split(",")]
@@ -289,7 +299,7 @@ def cmd_plan(args) -> None:
     if (args.batch_per_proc is None) == (args.global_batch is None):
         raise ConfigError("plan: give exactly one of --batch-per-proc (weak scaling) and --global-batch")
     compute, net, grad = _plan_inputs(args)
-    nodes = [int(n) for n in args.nodes.split(",")]
+    nodes = args.nodes
     algorithms = ["ring", "tree", "hierarchical"] if args.algorithm == "all" else [args.algorithm]
     stats = _plan_statistics(args)
     rows = {a: plan.rows_for(compute, net, grad, nodes, args.procs_per_node, args.batch_per_proc,
@@ -379,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="dataset directory (sets data.path)")
     t.add_argument("--out", help="run directory (default runs/RECIPE)")
     length = t.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, help="run length in epochs")
+    length.add_argument("--epochs", type=positive_float, help="run length in epochs")
     length.add_argument("--steps", type=positive_int, help="run length in optimizer steps")
     t.add_argument("--global-batch", type=positive_int,
                    help="images per optimizer step over all processes (sets train.global_batch; the LR follows "
@@ -418,15 +428,15 @@ def parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_ensemble)
 
     s = sub.add_parser("slurm", help="write an sbatch script for N nodes x P processes per node")
-    s.add_argument("--nodes", type=int, required=True)
-    s.add_argument("--procs-per-node", type=int, default=2, help="2 = one per socket on a dual-socket node")
-    s.add_argument("--threads", type=int, required=True, help="threads (cores) per process")
+    s.add_argument("--nodes", type=positive_int, required=True)
+    s.add_argument("--procs-per-node", type=positive_int, default=2, help="2 = one per socket on a dual-socket node")
+    s.add_argument("--threads", type=positive_int, required=True, help="threads (cores) per process")
     s.add_argument("--time", default="01:00:00", help="wall-time limit")
     s.add_argument("--out", required=True, help="run directory (shared file system)")
     s.add_argument("--partition")
     s.add_argument("--account")
-    s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--signal-seconds", type=int, default=300, help="SIGUSR1 this long before the limit")
+    s.add_argument("--gpus-per-node", type=count_or_zero, default=0)
+    s.add_argument("--signal-seconds", type=count_or_zero, default=300, help="SIGUSR1 this long before the limit")
     s.add_argument("--python", default="python", help="the Python that has largebatch installed")
     s.add_argument("--write", help="write the script here instead of printing it")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the `largebatch train` arguments")
@@ -436,21 +446,21 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("src")
     pk.add_argument("dst")
     pk.add_argument("--shard-size", default="1GB", help="shard size, e.g. 1GB, 256MB")
-    pk.add_argument("--resize-shorter", type=int, default=0,
+    pk.add_argument("--resize-shorter", type=count_or_zero, default=0,
                     help="re-encode every image with its shorter side at most this (0 = keep the files)")
-    pk.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
+    pk.add_argument("--workers", type=count_or_zero, default=0, help="decoding processes (0 = all cores)")
     pk.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     pk.set_defaults(func=cmd_pack)
 
     bd = sub.add_parser("bench-data", help="input pipeline images/s: folder, shards and torchvision's ImageFolder")
     bd.add_argument("src", help="image tree with SRC/train/CLASS/*.jpg")
-    bd.add_argument("--workers", type=int, default=1, help="loader worker processes (0 = in the main process)")
-    bd.add_argument("--batch", type=int, default=64)
-    bd.add_argument("--images", type=int, default=0, help="images per measurement (0 = the whole train split)")
-    bd.add_argument("--repeats", type=int, default=2)
-    bd.add_argument("--image-size", type=int, default=224)
+    bd.add_argument("--workers", type=count_or_zero, default=1, help="loader worker processes (0 = in the main process)")
+    bd.add_argument("--batch", type=positive_int, default=64)
+    bd.add_argument("--images", type=count_or_zero, default=0, help="images per measurement (0 = the whole train split)")
+    bd.add_argument("--repeats", type=positive_int, default=2)
+    bd.add_argument("--image-size", type=positive_int, default=224)
     bd.add_argument("--shards", help="packed shards of SRC (default: pack SRC now, into a temporary folder)")
-    bd.add_argument("--resize-shorter", type=int, default=256, help="for the shards packed here")
+    bd.add_argument("--resize-shorter", type=count_or_zero, default=256, help="for the shards packed here")
     bd.add_argument("--out", help="write the JSON here")
     bd.set_defaults(func=cmd_bench_data)
 
@@ -481,23 +491,24 @@ def parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="predict step time, efficiency and time-to-train on N nodes")
     pl.add_argument("--bench", help="a `largebatch bench` JSON: compute per image, all-reduce alpha/beta")
-    pl.add_argument("--node-images-per-sec", type=float, help="training images/s of one node (instead of --bench)")
+    pl.add_argument("--node-images-per-sec", type=positive_float, help="training images/s of one node (instead of --bench)")
     pl.add_argument("--model", default="resnet50", help="for the gradient size when there is no --bench")
-    pl.add_argument("--gradient-bytes", type=float)
-    pl.add_argument("--bytes-per-param", type=int, default=4, help="4 = fp32 all-reduce, 2 = bf16")
+    pl.add_argument("--gradient-bytes", type=positive_float)
+    pl.add_argument("--bytes-per-param", type=positive_int, default=4, help="4 = fp32 all-reduce, 2 = bf16")
     pl.add_argument("--interconnect", help="named network between nodes (default: the bench's measured one)")
     pl.add_argument("--algorithm", default="hierarchical", choices=["ring", "tree", "hierarchical", "all"])
-    pl.add_argument("--nodes", default="1,2,4,8,16,32,64,128,256,512,1024,2048")
-    pl.add_argument("--procs-per-node", type=int, default=1)
-    pl.add_argument("--batch-per-proc", type=float, help="weak scaling: images per process per step")
-    pl.add_argument("--global-batch", type=int, help="strong scaling: a fixed global batch")
-    pl.add_argument("--epochs", type=float, default=90)
-    pl.add_argument("--dataset-size", type=int, default=1281167, help="training images (ImageNet-1K)")
-    pl.add_argument("--bucket-mb", type=float, default=25.0)
-    pl.add_argument("--deadline-minutes", type=float, help="also find the fewest nodes that meet this")
+    pl.add_argument("--nodes", type=positive_ints, default=[2 ** k for k in range(12)],
+                    help="node counts, e.g. 1,2,4 (default: 1 to 2048 in powers of 2)")
+    pl.add_argument("--procs-per-node", type=positive_int, default=1)
+    pl.add_argument("--batch-per-proc", type=positive_float, help="weak scaling: images per process per step")
+    pl.add_argument("--global-batch", type=positive_int, help="strong scaling: a fixed global batch")
+    pl.add_argument("--epochs", type=positive_float, default=90)
+    pl.add_argument("--dataset-size", type=positive_int, default=1281167, help="training images (ImageNet-1K)")
+    pl.add_argument("--bucket-mb", type=positive_float, default=25.0)
+    pl.add_argument("--deadline-minutes", type=positive_float, help="also find the fewest nodes that meet this")
     pl.add_argument("--noise-scale", help="gradient noise scale B_noise, or a run directory that measured one: "
                     "the epochs then grow with the batch, E(B) = E_min (1 + B / B_noise)")
-    pl.add_argument("--reference-batch", type=int, help="the global batch at which --epochs reach the target "
+    pl.add_argument("--reference-batch", type=positive_int, help="the global batch at which --epochs reach the target "
                     "(default: the --noise-scale run's)")
     pl.add_argument("--out", help="write the rows as JSON here")
     pl.add_argument("--plot", help="write a PNG over N here")
