@@ -502,6 +502,10 @@ def validate(cfg: Config) -> None:
     need(0 < e.main_fraction and 0 <= e.collapse_fraction and e.main_fraction + e.collapse_fraction < 1,
          "ensemble.main_fraction and collapse_fraction must leave room for the cycles (sum < 1)")
     need(d.eval_samples >= 0, "data.eval_samples must be >= 0")
+    need(d.workers >= -1, f"data.workers must be >= 0, or -1 to choose by dataset; got {d.workers}")
+    need(d.image_size > 0 and d.eval_resize > 0 and d.eval_crop > 0,
+         "data.image_size, data.eval_resize and data.eval_crop must be positive")
+    need(t.threads >= 0, f"train.threads must be >= 0 (0 = this process's share of the cores), got {t.threads}")
     need(not d.stage_to or d.name == "shards", "data.stage_to copies packed shards; it needs data.name=shards")
     need(m.bn_group_size >= 0, "model.bn_group_size must be >= 0")
     need(not m.sync_bn or m.bn_group_size == 0,

@@ -50,6 +50,9 @@ def test_set_overrides_with_types():
     ("model.sync_bn=true", "set model.bn_group_size=0 with it"),
     ("schedule.warmup_start_lr=0.1", "schedule.warmup_start_lr is no longer a key: use schedule.warmup_start"),
     ("schedule.final_lr=0.0", "use schedule.final, now a multiple of the peak LR"),
+    ("data.workers=-2", "data.workers must be >= 0, or -1 to choose by dataset"),
+    ("data.image_size=0", "data.image_size, data.eval_resize and data.eval_crop must be positive"),
+    ("train.threads=-1", "train.threads must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace(".", r"\.")):
