@@ -29,6 +29,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from largebatch import malloc  # noqa: E402
+from largebatch.autotune import synchronize  # noqa: E402
 from largebatch.models.group_bn import GroupBatchNorm2d  # noqa: E402
 
 
@@ -76,11 +77,6 @@ FORMS = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=256)
@@ -116,13 +112,13 @@ def main() -> None:
         step(form)  # warm-up
         best = float("inf")
         for _ in range(3):
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(args.calls):
                 for x in xs:
                     x.grad = None
                 step(form)
-            sync(device)
+            synchronize(device)
             best = min(best, (time.perf_counter() - t0) / args.calls * 1e3)
         ms[form] = best
         print(f"{form:30s} {best:8.2f} ms per step (53 layers, forward + backward)", flush=True)
