@@ -96,3 +96,23 @@ def test_lamb_from_config_and_resume_state():
     again.load_state_dict(opt.state_dict())  # what a checkpoint carries
     p = next(model.parameters())
     assert again.state[p]["step"].item() == 1 and torch.equal(again.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+def test_sgd_takes_torchs_fused_step_with_the_loops_result():
+    model = build_model(ModelConfig(name="resnet8", bn_group_size=0), 1, 10)
+    twin = build_model(ModelConfig(name="resnet8", bn_group_size=0), 1, 10)
+    twin.load_state_dict(model.state_dict())
+    cfg = OptimConfig(exclude_bn_bias_from_wd=True, momentum=0.9, nesterov=True)
+    fused = build_optimizer(model, cfg)
+    loop = torch.optim.SGD(param_groups(twin, cfg), lr=0.0, momentum=0.9, nesterov=True, foreach=False)
+    assert all(g["fused"] for g in fused.param_groups)
+    for opt in (fused, loop):
+        apply_schedule(opt, lr=0.1, weight_decay=1e-3)
+    x = torch.randn(8, 1, 28, 28)
+    for _ in range(3):
+        for m, opt in ((model, fused), (twin, loop)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
