@@ -13,7 +13,9 @@
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
 # bench_compiled.json (the first with torch.compile); bn_group_forms.json (five ways to
-# normalise groups of 32, timed on the BN inputs of a ResNet-50 step);
+# normalise groups of 32, timed on the BN inputs of a ResNet-50 step); optimizer_step.json
+# (one SGD and LARS step over ResNet-50's parameters, per implementation, with the
+# operations each issues);
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
 # study's batch 672, to set beside the CPU's); e2e_shards_* and e2e_folder_* (ResNet-50
 # trained end to end from tar shards and from a JPEG folder: summary and per-step
@@ -67,6 +69,7 @@ step 60 bench-groups-fastest $PY "${BENCH[@]}" --nondeterministic --out "$OUT/be
 step 60 bench-plain-bn-fastest $PY "${BENCH[@]}" --bn-group-size 0 --nondeterministic --out "$OUT/bench_plain_bn_fastest.json"
 step 60 bn-group-forms $PY experiments/bn_group_forms.py --batch "$BATCH" --group $(( BATCH < 64 ? BATCH / 2 : 32 )) \
     --out "$OUT/bn_group_forms.json"
+step 60 optimizer-step $PY experiments/optimizer_step.py --out "$OUT/optimizer_step.json"
 
 step 100 study-b672 $PY -m largebatch train --recipe fmnist-baseline --global-batch 672 --micro-batch 224 \
     --epochs "$EPOCHS" --set schedule.peak_lr=0.7947 --set schedule.warmup_epochs=0.861 --set schedule.warmup_start=0.0 \
