@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages: the dataset, and Open MPI and Slurm for the multi-host tests.
-DEBS := dataset-fashion-mnist openmpi-bin slurm-wlm munge
+# Debian packages: the dataset; Open MPI and Slurm for the multi-host tests; a C++ compiler
+# and ninja, which build the fused CPU kernels (and torch.compile's) at their first use.
+DEBS := dataset-fashion-mnist openmpi-bin slurm-wlm munge g++ ninja-build
 
 .PHONY: install debs demo test test-cluster clean
 

@@ -48,6 +48,10 @@ class ModelConfig:
     sync_bn: bool = False
     """SyncBN: statistics over the micro-batches of all processes together (needs
     bn_group_size=0). The result then depends on the process layout."""
+    fuse_bn_relu: bool = True
+    """Each batch norm that a ReLU follows, and the ReLU, as one kernel pair where one
+    applies (CPU training in bf16 and channels_last; models/bn_relu.py). false: always
+    torch's separate kernels."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -152,6 +152,8 @@ def test_study_recipes_equal_the_runs_they_come_from(recipe, run):
 
     skip = {"description", "train.eval_batch", "train.log_every_steps", "train.channels_last", "train.compile"}
     ran, built = dict(flat(ran)), dict(flat(built))
-    later = {"train.deterministic"}  # keys added since, with no effect on the CPUs the runs trained on
+    # keys added since: train.deterministic has no effect on CPUs; model.fuse_bn_relu computes
+    # the same functions with other kernels (float rounding apart)
+    later = {"train.deterministic", "model.fuse_bn_relu"}
     assert ran.keys() == built.keys() - later
     assert {k: built[k] for k in ran if k not in skip} == {k: ran[k] for k in ran if k not in skip}

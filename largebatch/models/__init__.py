@@ -1,13 +1,14 @@
-"""Model zoo: torchvision's ResNets, unmodified, and CIFAR-style ResNets."""
+"""Model zoo: torchvision's ResNets (its code, with each batch norm that a ReLU follows
+called as one operation: fused_blocks.py) and CIFAR-style ResNets."""
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..config import ConfigError, ModelConfig
 from . import group_bn
 from .cifar_resnet import CifarResNet
+from .fused_blocks import torchvision_resnet
 
 TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 CIFAR = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
@@ -46,10 +47,10 @@ def build_model(cfg: ModelConfig, data_channels: int, data_classes: int) -> nn.M
     in_channels = model_channels(cfg, data_channels)
     num_classes = cfg.num_classes or data_classes
     if cfg.name in TORCHVISION:
-        model = getattr(torchvision.models, cfg.name)(weights=None, num_classes=num_classes)
+        model = torchvision_resnet(cfg.name, num_classes)
     else:
         model = CifarResNet(CIFAR[cfg.name], num_classes=num_classes, in_channels=in_channels)
     if cfg.zero_init_gamma != "none":
         for bn in _last_bns(model, cfg.zero_init_gamma):
             nn.init.zeros_(bn.weight)
-    return group_bn.convert(model, cfg.bn_group_size, cfg.bn_momentum, cfg.sync_bn)
+    return group_bn.convert(model, cfg.bn_group_size, cfg.bn_momentum, cfg.sync_bn, cfg.fuse_bn_relu)

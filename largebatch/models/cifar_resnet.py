@@ -3,7 +3,8 @@ basic blocks with 16, 32 and 64 channels, for small images such as Fashion-MNIST
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
+
+from .fused_blocks import BasicBlock, bn_relu
 
 
 class CifarResNet(nn.Module):
@@ -36,6 +37,6 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
+        x = bn_relu(self.bn1, self.conv1(x))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))

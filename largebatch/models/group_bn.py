@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dist
+from . import bn_relu
 from .sync_bn import sync_batch_norm
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
-    def __init__(self, num_features: int, group_size: int = 0, sync: bool = False, **kwargs):
+    def __init__(self, num_features: int, group_size: int = 0, sync: bool = False, fuse_relu: bool = True,
+                 **kwargs):
         super().__init__(num_features, **kwargs)
         self.group_size = group_size
+        self.fuse_relu = fuse_relu  # forward_relu's kernels, where they apply
         # sync: statistics over the micro-batches of all processes (SyncBN); the
         # result then depends on the layout, which is what its users ask for.
         self.sync = sync
@@ -42,10 +45,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             # them over processes, which leaves them unchanged.
             self._add_stats(mean.view(1, c), var.view(1, c))
             return y
-        g = self.group_size or n
-        if n % g != 0:
-            raise ValueError(f"batch of {n} is not a multiple of bn_group_size {g}")
-        k = n // g
+        k, g = self._groups(n)
         if torch.compiler.is_compiling():
             return self._fusable(x, k, g)
         # momentum=1 turns the "running" buffers into this batch's statistics
@@ -58,6 +58,26 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             y = _PerGroup.apply(x, self.weight, self.bias, mean, var, self.eps)
         self._add_stats(mean, var)
         return y
+
+    def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """relu(self(x) [+ residual]); in training, one kernel pair where bn_relu.py has
+        one for x."""
+        if not (self.training and self.fuse_relu and not self.sync and bn_relu.applies(x, self.num_features)):
+            y = self(x)
+            if residual is not None:
+                y += residual
+            return F.relu(y, inplace=True)
+        k, _ = self._groups(x.shape[0])
+        y, mean, var = bn_relu.BNReLU.apply(x, self.weight, self.bias, residual, k, self.eps)
+        self._add_stats(mean, var)
+        return y
+
+    def _groups(self, n: int) -> tuple[int, int]:
+        """(groups, samples per group) of a micro-batch of n."""
+        g = self.group_size or n
+        if n % g != 0:
+            raise ValueError(f"batch of {n} is not a multiple of bn_group_size {g}")
+        return n // g, g
 
     @torch.no_grad()
     def _add_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -116,11 +136,12 @@ class _PerGroup(torch.autograd.Function):
         return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None, None
 
 
-def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = False) -> nn.Module:
+def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = False,
+            fuse_relu: bool = True) -> nn.Module:
     """Replace every BatchNorm2d by a GroupBatchNorm2d, keeping parameters and buffers
     (the state_dict keys stay those of the original model)."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GroupBatchNorm2d):
-        new = GroupBatchNorm2d(module.num_features, group_size, sync, eps=module.eps, momentum=momentum,
+        new = GroupBatchNorm2d(module.num_features, group_size, sync, fuse_relu, eps=module.eps, momentum=momentum,
                                affine=module.affine, track_running_stats=True)
         with torch.no_grad():
             if module.affine:
@@ -131,7 +152,7 @@ def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = Fa
                 new.running_var.copy_(module.running_var)
         return new
     for name, child in module.named_children():
-        setattr(module, name, convert(child, group_size, momentum, sync))
+        setattr(module, name, convert(child, group_size, momentum, sync, fuse_relu))
     return module
 
 
