@@ -2,6 +2,8 @@
 kernel pair (largebatch/models/bn_relu.py): the same results as torch's separate
 kernels, the same running statistics, and the separate kernels wherever it does not
 apply."""
+import os
+
 import pytest
 import torch
 
@@ -103,12 +105,18 @@ def test_the_separate_kernels_run_where_the_fused_ones_do_not_apply(monkeypatch)
     plain.forward_relu(xb)  # fuse_relu=False
 
 
-def test_a_kernel_that_cannot_be_built_falls_back_with_one_line(monkeypatch, capsys):
+def test_a_kernel_that_cannot_be_built_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
     import torch.utils.cpp_extension as cpp
     monkeypatch.setattr(bn_relu, "_extension", None)
     monkeypatch.setattr(bn_relu, "_failed", False)
     monkeypatch.setattr(cpp, "load_inline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    lock = tmp_path / bn_relu.NAME / "lock"  # left by a build that was killed: torch would wait on it forever
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (0, 0))
     assert bn_relu.extension() is None and bn_relu.extension() is None
+    assert not lock.exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no compiler" in err and "separate kernels" in err
     layer = GroupBatchNorm2d(64, 0)

@@ -16,9 +16,14 @@ before.
 """
 from __future__ import annotations
 
+import os
 import sys
+import time
+from pathlib import Path
 
 import torch
+
+NAME = "largebatch_bn_relu"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -184,6 +189,7 @@ std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::
 
 _extension = None
 _failed = False
+STALE_LOCK_S = 600  # a build lock this old was left by a killed build: torch would wait on it forever
 
 
 def extension():
@@ -191,11 +197,19 @@ def extension():
     global _extension, _failed
     if _extension is None and not _failed:
         try:
-            from torch.utils.cpp_extension import load_inline
+            from torch.utils import cpp_extension
+            lock = Path(cpp_extension._get_build_directory(NAME, False)) / "lock"
+            if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                lock.unlink(missing_ok=True)
             flags = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
                      "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
-            _extension = load_inline("largebatch_bn_relu", cpp_sources=_SOURCE, functions=["forward", "backward"],
-                                     extra_cflags=flags, extra_ldflags=["-fopenmp"])
+            t0 = time.perf_counter()
+            _extension = cpp_extension.load_inline(NAME, cpp_sources=_SOURCE, functions=["forward", "backward"],
+                                                   extra_cflags=flags, extra_ldflags=["-fopenmp"])
+            built = time.perf_counter() - t0
+            if built > 5 and os.environ.get("RANK", "0") == "0":
+                print(f"largebatch: built the fused batch-norm + ReLU kernels in {built:.0f} s (once: "
+                      f"cached in {lock.parent})", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - a missing compiler or ninja surfaces in many types
             _failed = True
             print(f"largebatch: fused batch norm + ReLU unavailable ({str(e).strip().splitlines()[-1][:200]}); "
