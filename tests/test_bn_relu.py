@@ -123,3 +123,20 @@ def test_a_kernel_that_cannot_be_built_falls_back_with_one_line(monkeypatch, cap
     xb = torch.randn(4, 64, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
     assert not bn_relu.applies(xb, 64)
     assert (layer.forward_relu(xb) >= 0).all()
+
+
+def test_the_zoo_computes_torchvisions_resnets():
+    """fused_blocks.py calls torchvision's layers in a different grouping: the same
+    function, and the same state_dict keys, as torchvision's own model (here in fp32,
+    where nothing is fused)."""
+    import torchvision
+    for name in ("resnet18", "resnet50"):
+        torch.manual_seed(0)
+        ours = build_model(ModelConfig(name=name, bn_group_size=0, zero_init_gamma="none"), 3, 10)
+        theirs = getattr(torchvision.models, name)(num_classes=10)
+        theirs.load_state_dict(ours.state_dict())  # strict: the same keys
+        x = torch.randn(4, 3, 64, 64)
+        ours.eval(), theirs.eval()
+        assert torch.equal(ours(x), theirs(x))
+        ours.train(), theirs.train()  # batch statistics (the running ones are updated differently)
+        assert torch.equal(ours(x), theirs(x))

@@ -1,11 +1,14 @@
-"""Batch norm and the ReLU after it as one CPU kernel pair, for bf16 activations in
-channels_last (what ResNet-50 trains in on a CPU with bf16).
+"""Batch norm, the residual addition where a block has one, and the ReLU after them as
+one CPU kernel pair, for bf16 activations in channels_last (what ResNet-50 trains in on
+a CPU with bf16).
 
 Why: on a CPU these passes are bound by memory, not arithmetic. Separately, BN reads its
-input twice and writes it once, and the ReLU then reads and writes it again; backward,
-the ReLU's gradient is one more pass before BN's two. Fused, the ReLU costs nothing
-forward and its mask is applied while BN's backward reads the gradient anyway: one pass
-of three saved each way (docs/BENCHMARKS.md, "Batch norm and ReLU fused").
+input twice and writes it once, then the addition and the ReLU each read and write the
+result again; backward, the ReLU's gradient is one more pass before BN's two, and it
+reads the output. Fused, the forward makes BN's passes only (reading the residual in the
+second), and the backward makes BN's two, finding the ReLU's mask from the input where
+there is no residual (docs/BENCHMARKS.md, "What stands between ResNet-50's step and the
+matrix units").
 
 The kernels are compiled at their first use (torch's C++ extension loader, a C++
 compiler and ninja) and cached. Statistics are per group of samples, as GroupBatchNorm2d
@@ -217,11 +220,12 @@ def extension():
     return _extension
 
 
-def applies(x: torch.Tensor, channels: int) -> bool:
-    """Whether the fused kernels take this input: bf16 channels_last, channels a
-    multiple of 32, on a CPU with the AVX-512 they are built for."""
+def applies(x: torch.Tensor, channels: int, residual: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernels take this input (and residual): bf16 channels_last,
+    channels a multiple of 32, on a CPU with the AVX-512 they are built for."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4 and channels % 32 == 0
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
             and torch.backends.cpu.get_cpu_capability() == "AVX512" and extension() is not None)
 
 

@@ -62,7 +62,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     def forward_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """relu(self(x) [+ residual]); in training, one kernel pair where bn_relu.py has
         one for x."""
-        if not (self.training and self.fuse_relu and not self.sync and bn_relu.applies(x, self.num_features)):
+        if not (self.training and self.fuse_relu and not self.sync
+                and bn_relu.applies(x, self.num_features, residual)):
             y = self(x)
             if residual is not None:
                 y += residual
