@@ -33,6 +33,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/cpu/vec/functional.h>
+#include <immintrin.h>
 using namespace at::vec;
 using bf = at::BFloat16;
 using fV = Vectorized<float>;
@@ -47,25 +48,27 @@ static void affine(const float* w, const float* b, const float* mean, const floa
   for (int64_t c = 0; c < C; ++c) { scale[c] = w[c] * invstd[c]; shift[c] = b[c] - mean[c] * scale[c]; }
 }
 
-// The gradient through the ReLU for 32 channels of a row: where the output y > 0, or,
-// without a residual, where the pre-activation x * scale + shift > 0, which spares
-// reading y.
-static inline void relu_mask(fV& g0, fV& g1, const fV& x0, const fV& x1, const bf* y, const float* A,
+// The gradient through the ReLU for 32 channels of a row: where the output was positive,
+// read from the forward's bit mask (one bit per value), or, without a residual, where
+// the pre-activation x * scale + shift > 0, recomputed: neither reads the output.
+static inline void relu_mask(fV& g0, fV& g1, const fV& x0, const fV& x1, const uint32_t* bits, const float* A,
                              const float* B) {
-  fV m0, m1;
-  if (y) {
-    auto [y0, y1] = convert_to_float<bf>(bV::loadu(y));
-    m0 = y0; m1 = y1;
-  } else {
-    m0 = fmadd(x0, fV::loadu(A), fV::loadu(B)); m1 = fmadd(x1, fV::loadu(A + kHalf), fV::loadu(B + kHalf));
+  if (bits) {
+    g0 = _mm512_maskz_mov_ps(__mmask16(*bits & 0xffff), g0);
+    g1 = _mm512_maskz_mov_ps(__mmask16(*bits >> 16), g1);
+    return;
   }
+  fV m0 = fmadd(x0, fV::loadu(A), fV::loadu(B)), m1 = fmadd(x1, fV::loadu(A + kHalf), fV::loadu(B + kHalf));
   g0 = fV::blendv(fV(0), g0, m0 > fV(0));
   g1 = fV::blendv(fV(0), g1, m1 > fV(0));
 }
 
+// Where a float vector is positive, as 16 bits.
+static inline uint32_t positive(const fV& v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ); }
+
 // Per-channel sums, in double, over `rows` rows of C channels: of x and x * x (gy null), or
 // of the gradient g through the ReLU and of g * x.
-static void channel_sums(const bf* x, const bf* gy, const bf* y, const float* A, const float* B, int64_t rows,
+static void channel_sums(const bf* x, const bf* gy, const uint32_t* bits, const float* A, const float* B, int64_t rows,
                          int64_t C, double* s1, double* s2) {
   const int nt = at::get_num_threads();
   std::vector<float> acc(size_t(nt) * 2 * C, 0.f);
@@ -81,7 +84,7 @@ static void channel_sums(const bf* x, const bf* gy, const bf* y, const float* A,
           fV u0 = v0, u1 = v1;  // what is summed: x, or the gradient
           if (gy) {
             auto [g0, g1] = convert_to_float<bf>(bV::loadu(gy + r * C + c));
-            relu_mask(g0, g1, v0, v1, y ? y + r * C + c : nullptr, A + c, B + c);
+            relu_mask(g0, g1, v0, v1, bits ? bits + (r * C + c) / 32 : nullptr, A + c, B + c);
             u0 = g0; u1 = g1;
           }
           p0 += u0; p1 += u1; q0 = fmadd(u0, v0, q0); q1 = fmadd(u1, v1, q1);
@@ -98,7 +101,8 @@ static void channel_sums(const bf* x, const bf* gy, const bf* y, const float* A,
 
 // x: (N, C, H, W) bf16 channels_last in `groups` groups of samples; weight, bias: (C) fp32;
 // residual: none, or a tensor like x added before the ReLU.
-// Returns y = relu(bn(x) [+ residual]), and per group the mean, 1 / std and unbiased variance.
+// Returns y = relu(bn(x) [+ residual]), per group the mean, 1 / std and unbiased variance,
+// and, with a residual, where y > 0 as bits (what the backward needs of y).
 std::vector<at::Tensor> forward(at::Tensor x, at::Tensor weight, at::Tensor bias, c10::optional<at::Tensor> residual,
                                 int64_t groups, double eps) {
   const int64_t C = x.size(1), rows = x.numel() / C / groups;
@@ -106,6 +110,7 @@ std::vector<at::Tensor> forward(at::Tensor x, at::Tensor weight, at::Tensor bias
   auto opts = weight.options().dtype(at::kFloat);
   auto mean = at::empty({groups, C}, opts), invstd = at::empty({groups, C}, opts), var = at::empty({groups, C}, opts);
   auto y = at::empty_like(x);
+  auto mask = at::empty({res.defined() ? x.numel() / 32 : 0}, x.options().dtype(at::kInt));
   std::vector<double> s1(C), s2(C);
   std::vector<float> scale(C), shift(C);
   float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>(), *vp = var.data_ptr<float>();
@@ -114,6 +119,7 @@ std::vector<at::Tensor> forward(at::Tensor x, at::Tensor weight, at::Tensor bias
     const bf* xg = x.data_ptr<bf>() + off;
     const bf* rg = res.defined() ? res.data_ptr<bf>() + off : nullptr;
     bf* yg = y.data_ptr<bf>() + off;
+    uint32_t* mg = res.defined() ? reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()) + off / 32 : nullptr;
     channel_sums(xg, nullptr, nullptr, nullptr, nullptr, rows, C, s1.data(), s2.data());
     for (int64_t c = 0; c < C; ++c) {
       double m = s1[c] / rows, v = std::max(s2[c] / rows - m * m, 0.0);
@@ -131,22 +137,23 @@ std::vector<at::Tensor> forward(at::Tensor x, at::Tensor weight, at::Tensor bias
             auto [n0, n1] = convert_to_float<bf>(convert_from_float<bf>(y0, y1));
             auto [r0, r1] = convert_to_float<bf>(bV::loadu(rg + r * C + c));
             y0 = n0 + r0; y1 = n1 + r1;
+            mg[(r * C + c) / 32] = positive(y0) | positive(y1) << 16;
           }
           convert_from_float<bf>(clamp_min(y0, fV(0)), clamp_min(y1, fV(0))).store(yg + r * C + c);
         }
     });
   }
-  return {y, mean, invstd, var};
+  return {y, mean, invstd, var, mask};
 }
 
 // The gradients of x, weight and bias (and, with a residual, of the residual: the
 // gradient through the ReLU) from that of y, given the forward's input, statistics and,
-// with a residual, its output.
-std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::Tensor> y_if_residual,
+// with a residual, its mask.
+std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::Tensor> mask_if_residual,
                                  at::Tensor mean, at::Tensor invstd, at::Tensor weight, at::Tensor bias) {
   gy = gy.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t groups = mean.size(0), C = x.size(1), rows = x.numel() / C / groups;
-  const bool residual = y_if_residual.has_value();
+  const bool residual = mask_if_residual.has_value();
   auto gx = at::empty_like(x);
   auto gr = residual ? at::empty_like(x) : at::Tensor();
   auto gw = at::empty({C}, weight.options()), gb = at::empty({C}, weight.options());
@@ -156,12 +163,13 @@ std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t off = g * rows * C;
     const bf *gp = gy.data_ptr<bf>() + off, *xp = x.data_ptr<bf>() + off;
-    const bf* yp = residual ? y_if_residual->data_ptr<bf>() + off : nullptr;
+    const uint32_t* bits = residual ? reinterpret_cast<const uint32_t*>(mask_if_residual->data_ptr<int32_t>()) + off / 32
+                                    : nullptr;
     bf* op = gx.data_ptr<bf>() + off;
     bf* rp = residual ? gr.data_ptr<bf>() + off : nullptr;
     affine(w, bias.data_ptr<float>(), mp + g * C, ip + g * C, C, scale.data(), shift.data());
     const float *A = scale.data(), *B = shift.data();
-    channel_sums(xp, gp, yp, A, B, rows, C, sg.data(), sgx.data());
+    channel_sums(xp, gp, bits, A, B, rows, C, sg.data(), sgx.data());
     for (int64_t c = 0; c < C; ++c) {
       // with g the gradient through the ReLU: dx = (g - mean(g) - xhat * mean(g * xhat)) * invstd * w
       double m = mp[g * C + c], is = ip[g * C + c];
@@ -176,7 +184,7 @@ std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::
         for (int64_t c = 0; c < C; c += bV::size()) {
           auto [x0, x1] = convert_to_float<bf>(bV::loadu(xp + r * C + c));
           auto [g0, g1] = convert_to_float<bf>(bV::loadu(gp + r * C + c));
-          relu_mask(g0, g1, x0, x1, yp ? yp + r * C + c : nullptr, A + c, B + c);
+          relu_mask(g0, g1, x0, x1, bits ? bits + (r * C + c) / 32 : nullptr, A + c, B + c);
           if (rp) convert_from_float<bf>(g0, g1).store(rp + r * C + c);
           auto o0 = fmadd(g0, fV::loadu(K1 + c), fmadd(x0, fV::loadu(K2 + c), fV::loadu(K3 + c)));
           auto o1 = fmadd(g1, fV::loadu(K1 + c + kHalf), fmadd(x1, fV::loadu(K2 + c + kHalf), fV::loadu(K3 + c + kHalf)));
@@ -235,15 +243,15 @@ class BNReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, groups: int, eps: float):
-        y, mean, invstd, var = extension().forward(x, weight.float(), bias.float(), residual, groups, eps)
-        # without a residual the backward finds the ReLU's mask from x: y is not kept for it
-        ctx.save_for_backward(x, y if residual is not None else None, mean, invstd, weight, bias)
+        y, mean, invstd, var, mask = extension().forward(x, weight.float(), bias.float(), residual, groups, eps)
+        # the ReLU's mask: as bits with a residual, else found again from x
+        ctx.save_for_backward(x, mask if residual is not None else None, mean, invstd, weight, bias)
         ctx.residual = residual is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy, _mean, _var):
-        x, y, mean, invstd, weight, bias = ctx.saved_tensors
-        dx, dw, db, dr = extension().backward(dy, x, y, mean, invstd, weight.float(), bias.float())
+        x, mask, mean, invstd, weight, bias = ctx.saved_tensors
+        dx, dw, db, dr = extension().backward(dy, x, mask, mean, invstd, weight.float(), bias.float())
         return dx, dw.to(weight.dtype), db.to(weight.dtype), dr if ctx.residual else None, None, None
