@@ -6,9 +6,9 @@ Why: on a CPU these passes are bound by memory, not arithmetic. Separately, BN r
 input twice and writes it once, then the addition and the ReLU each read and write the
 result again; backward, the ReLU's gradient is one more pass before BN's two, and it
 reads the output. Fused, the forward makes BN's passes only (reading the residual in the
-second), and the backward makes BN's two, finding the ReLU's mask from the input where
-there is no residual (docs/BENCHMARKS.md, "What stands between ResNet-50's step and the
-matrix units").
+second, and keeping the ReLU's mask as bits where there is a residual), and the backward
+makes BN's two, finding the mask from the input or those bits, never reading the output
+(docs/BENCHMARKS.md, "What stands between ResNet-50's step and the matrix units").
 
 The kernels are compiled at their first use (torch's C++ extension loader, a C++
 compiler and ninja) and cached. Statistics are per group of samples, as GroupBatchNorm2d
