@@ -19,12 +19,13 @@ before.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .. import dist
 
 NAME = "largebatch_bn_relu"
 
@@ -218,7 +219,7 @@ def extension():
             _extension = cpp_extension.load_inline(NAME, cpp_sources=_SOURCE, functions=["forward", "backward"],
                                                    extra_cflags=flags, extra_ldflags=["-fopenmp"])
             built = time.perf_counter() - t0
-            if built > 5 and os.environ.get("RANK", "0") == "0":
+            if built > 5 and dist.info().is_main:
                 print(f"largebatch: built the fused batch-norm + ReLU kernels in {built:.0f} s (once: "
                       f"cached in {lock.parent})", file=sys.stderr)
         except Exception as e:  # noqa: BLE001 - a missing compiler or ninja surfaces in many types

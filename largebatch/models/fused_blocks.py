@@ -5,21 +5,16 @@ bn_relu.py fuses into one kernel pair where it applies."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet
 
-from .group_bn import GroupBatchNorm2d
+from .group_bn import GroupBatchNorm2d, add_relu
 
 
 def bn_relu(bn: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(bn(x) [+ residual])."""
-    if isinstance(bn, GroupBatchNorm2d):
-        return bn.forward_relu(x, residual)
-    y = bn(x)
-    if residual is not None:
-        y += residual
-    return F.relu(y, inplace=True)
+    """relu(bn(x) [+ residual]); fused by a GroupBatchNorm2d (every BN of a built model)
+    where it can be."""
+    return bn.forward_relu(x, residual) if isinstance(bn, GroupBatchNorm2d) else add_relu(bn(x), residual)
 
 
 class BasicBlock(resnet.BasicBlock):

@@ -64,10 +64,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         one for x."""
         if not (self.training and self.fuse_relu and not self.sync
                 and bn_relu.applies(x, self.num_features, residual)):
-            y = self(x)
-            if residual is not None:
-                y += residual
-            return F.relu(y, inplace=True)
+            return add_relu(self(x), residual)
         k, _ = self._groups(x.shape[0])
         y, mean, var = bn_relu.BNReLU.apply(x, self.weight, self.bias, residual, k, self.eps)
         self._add_stats(mean, var)
@@ -100,6 +97,14 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         m = g * xf.shape[3]  # the running variance is unbiased, as the native kernel's
         self._add_stats(mean.view(k, c), var.view(k, c).double() * (m / (m - 1)))
         return y
+
+
+def add_relu(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """relu(y [+ residual]) with torch's separate kernels, in place on y (a BN's output),
+    as torchvision's blocks compute it."""
+    if residual is not None:
+        y += residual
+    return F.relu(y, inplace=True)
 
 
 class _PerGroup(torch.autograd.Function):
