@@ -1,4 +1,4 @@
-"""BatchNorm over groups of samples, five ways, on the BN inputs of one ResNet-50 step:
+"""BatchNorm over groups of samples, six ways, on the BN inputs of one ResNet-50 step:
 forward + backward of all 53 BN layers, bf16 activations in channels_last, on the GPU
 where there is one. Each form is first checked against the layer's own output and
 gradients; the time is the least of 3 repeats, each the mean of `--calls` passes.
@@ -6,11 +6,15 @@ gradients; the time is the least of 3 repeats, each the mean of `--calls` passes
     python experiments/bn_group_forms.py --batch 256 --group 32 --out docs/bench/bn_group_forms.json
 
 Forms:
-- per group: GroupBatchNorm2d as training runs it (the native kernels once per group);
+- per group: the layer's form on a CPU (the native kernels once per group);
 - per group, F.batch_norm + cat: the same through the public function, which runs cuDNN's
   kernels on a GPU, and one copy to join the groups;
 - gathered: the groups as k x c channels of one batch of `group` samples, one native
   call, with a transposing copy in and out (the layer's form before 2026-11-27);
+- gathered in channels_last: the same, with the copies kept in channels_last, so that
+  each moves whole rows of c channels (k*c channels of one batch are g samples' rows
+  side by side) and the one call runs cuDNN's channels_last kernels on a GPU: the
+  layer's form there since 2026-11-27;
 - reductions: GroupBatchNorm2d._fusable run eagerly (the form torch.compile traces);
 - plain BN: one native call over the whole batch (no groups: what groups cost).
 """
@@ -30,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from largebatch import malloc  # noqa: E402
 from largebatch.autotune import synchronize  # noqa: E402
-from largebatch.models.group_bn import GroupBatchNorm2d  # noqa: E402
+from largebatch.models import group_bn  # noqa: E402
+from largebatch.models.group_bn import GroupBatchNorm2d, _gathered  # noqa: E402
 
 
 def bn_input_shapes(batch: int, device: torch.device) -> list[tuple[int, ...]]:
@@ -57,6 +62,15 @@ def gathered(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous(memory_format=torch.channels_last)
 
 
+def gathered_channels_last(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's form on a GPU (group_bn._gathered): one permuting copy each way."""
+    k, c = x.shape[0] // layer.group_size, x.shape[1]
+    mean, var = torch.zeros(k, c, device=x.device), torch.zeros(k, c, device=x.device)
+    y = _gathered(x, layer.weight, layer.bias, mean, var, layer.eps)
+    layer._add_stats(mean, var)
+    return y
+
+
 def per_group_functional(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """F.batch_norm per group (cuDNN's kernels on a GPU, where the layer calls aten's native
     ones), joined by one copy; autograd runs each group's backward."""
@@ -69,9 +83,10 @@ def per_group_functional(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tens
 
 
 FORMS = {
-    "per group": lambda layer, x: layer(x),
+    "per group": lambda layer, x: layer(x),  # main() keeps the layer to this form
     "per group, F.batch_norm + cat": per_group_functional,
     "gathered": gathered,
+    "gathered in channels_last": gathered_channels_last,
     "reductions": lambda layer, x: layer._fusable(x, x.shape[0] // layer.group_size, layer.group_size),
     "plain BN": lambda layer, x: F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps),
 }
@@ -86,6 +101,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     malloc.keep_freed_memory()  # as training does (train.keep_freed_memory)
+    group_bn.GATHER_DEVICES = frozenset()  # the layer itself runs the per-group form
     torch.manual_seed(0)
     shapes = bn_input_shapes(args.batch, device)
     layers = [GroupBatchNorm2d(s[1], group_size=args.group).to(device) for s in shapes]
@@ -101,7 +117,7 @@ def main() -> None:
     # every form computes what the layer computes (the first, largest layer checked)
     want = FORMS["per group"](layers[0], xs[0])
     want_dx, = torch.autograd.grad(want, xs[0], dys[0])
-    for form in ("per group, F.batch_norm + cat", "gathered", "reductions"):
+    for form in ("per group, F.batch_norm + cat", "gathered", "gathered in channels_last", "reductions"):
         got = FORMS[form](layers[0], xs[0])
         got_dx, = torch.autograd.grad(got, xs[0], dys[0])
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

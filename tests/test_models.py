@@ -49,10 +49,13 @@ def test_channel_mismatch_names_the_key():
         model_channels(ModelConfig(name="vgg16"), 3)
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["per-group", "gathered"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_group_bn_normalises_each_group_like_plain_bn(fmt, device):
-    """Forward and backward, in both memory formats: each group is its own batch."""
+def test_group_bn_normalises_each_group_like_plain_bn(fmt, device, gathered, monkeypatch):
+    """Forward and backward, in both memory formats, with the groups normalised one call
+    each or gathered as the channels of one call: each group is its own batch."""
+    monkeypatch.setattr(group_bn, "GATHER_DEVICES", frozenset({device} if gathered else ()))
     torch.manual_seed(0)
     x = (torch.randn(12, 3, 5, 5, device=device) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
     gbn = group_bn.GroupBatchNorm2d(3, group_size=4).to(device)
@@ -71,6 +74,9 @@ def test_group_bn_normalises_each_group_like_plain_bn(fmt, device):
     assert x.grad.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(gbn.weight.grad, ref.weight.grad)
     torch.testing.assert_close(gbn.bias.grad, ref.bias.grad)
+    groups = x.detach().double().transpose(0, 1).reshape(3, 3, -1)  # (channel, group, values)
+    torch.testing.assert_close(gbn.stat_sum, torch.stack([groups.mean(2).sum(1), groups.var(2).sum(1)]),
+                               rtol=1e-5, atol=1e-5)  # the kernels accumulate in fp32
 
 
 def test_group_bn_running_stats_are_one_update_per_step_from_all_groups():
@@ -114,6 +120,46 @@ def test_group_bn_traced_by_torch_compile_computes_what_the_native_kernel_does(m
         outs.append((y, xi.grad, gbn.weight.grad, gbn.bias.grad, gbn.running_mean, gbn.running_var))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_running_stats_commit_is_each_layers_update_in_a_fixed_number_of_operations():
+    """Layers of different widths and momenta, one that saw no group this step: each gets
+    exactly its own update; and the commit issues as many operations for ResNet-50's 53
+    layers as for ResNet-8's 7 (on a GPU each would be a kernel launch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    torch.manual_seed(0)
+    layers = [group_bn.GroupBatchNorm2d(c, group_size=2, momentum=m) for c, m in ((3, 0.1), (5, 0.5), (4, 0.1))]
+    model = nn.Sequential(*layers)
+    for layer in layers[:2]:
+        layer(torch.randn(4, layer.num_features, 3, 3))
+        layer(torch.randn(2, layer.num_features, 3, 3))
+        layer.running_mean.uniform_()
+    want = []
+    for layer in layers:
+        count = layer.stat_count.item()
+        mean, var = (layer.stat_sum / max(count, 1)).float()
+        keep, take = (1 - layer.momentum, layer.momentum) if count else (1.0, 0.0)
+        want.append((layer.running_mean * keep + mean * take, layer.running_var * keep + var * take,
+                     layer.num_batches_tracked + (count > 0)))
+    group_bn.commit_running_stats(model)
+    for layer, (mean, var, tracked) in zip(layers, want):
+        assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+        assert layer.num_batches_tracked == tracked and layer.stat_count == 0 and not layer.stat_sum.any()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n = getattr(self, "n", 0) + (not func.is_view)  # a view launches no kernel
+            return func(*args, **(kwargs or {}))
+    counts = []
+    for name in ("resnet8", "resnet50"):
+        model = build_model(ModelConfig(name=name, bn_group_size=2), 3, 10)
+        model(torch.randn(4, 3, 32, 32))
+        group_bn.commit_running_stats(model)  # the first builds the layout, once per model
+        model(torch.randn(4, 3, 32, 32))
+        with Count() as counter:
+            group_bn.commit_running_stats(model)
+        counts.append(counter.n)
+    assert counts[0] == counts[1] < 40
 
 
 def test_group_bn_without_statistics_keeps_its_running_averages():

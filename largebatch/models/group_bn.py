@@ -10,6 +10,9 @@ summed across processes. Every layout then computes the same thing.
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +20,13 @@ from torch import nn
 from .. import dist
 from . import bn_relu
 from .sync_bn import sync_batch_norm
+
+
+# Devices where a channels_last micro-batch's groups are normalised by one kernel call over
+# the groups gathered as channels (_gathered) instead of one call per group (_PerGroup):
+# on a GPU copies are cheap and each call costs launches (ResNet-50's 53 BN layers 1.24x
+# faster, docs/BENCHMARKS.md); a CPU pays for the copies (0.57x).
+GATHER_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
@@ -54,6 +64,8 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         var = torch.zeros(k, c, device=x.device)
         if k == 1:
             y = F.batch_norm(x, mean[0], var[0], self.weight, self.bias, True, 1.0, self.eps)
+        elif x.device.type in GATHER_DEVICES and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            y = _gathered(x, self.weight, self.bias, mean, var, self.eps)
         else:
             y = _PerGroup.apply(x, self.weight, self.bias, mean, var, self.eps)
         self._add_stats(mean, var)
@@ -80,8 +92,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     @torch.no_grad()
     def _add_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Add k groups' statistics, (k, c) each (the variance unbiased), to the step's sums."""
-        self.stat_sum[0] += mean.double().sum(0)
-        self.stat_sum[1] += var.double().sum(0)
+        self.stat_sum += torch.stack([mean, var.to(mean.dtype)]).sum(1, dtype=torch.float64)
         self.stat_count += mean.shape[0]
 
     def _fusable(self, x: torch.Tensor, k: int, g: int) -> torch.Tensor:
@@ -95,7 +106,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         scale = torch.rsqrt(var + self.eps) * self.weight.view(1, 1, c, 1)
         y = ((xf - mean) * scale + self.bias.view(1, 1, c, 1)).to(x.dtype).reshape(x.shape)
         m = g * xf.shape[3]  # the running variance is unbiased, as the native kernel's
-        self._add_stats(mean.view(k, c), var.view(k, c).double() * (m / (m - 1)))
+        self._add_stats(mean.view(k, c), var.view(k, c) * (m / (m - 1)))
         return y
 
 
@@ -105,6 +116,21 @@ def add_relu(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     if residual is not None:
         y += residual
     return F.relu(y, inplace=True)
+
+
+def _gathered(x, weight, bias, mean, var, eps) -> torch.Tensor:
+    """The k groups as k*c channels of one batch of g samples, for one kernel call. A
+    channels_last batch is (k, g, h, w, c) in memory and (g, h, w, k, c) is that batch,
+    so one permuting copy each way, moving whole rows of c channels; autograd copies the
+    gradients back the same way. mean and var (k, c) receive the statistics."""
+    n, c, h, w = x.shape
+    k = mean.shape[0]
+    g = n // k
+    xg = x.permute(0, 2, 3, 1).reshape(k, g, h, w, c).permute(1, 2, 3, 0, 4).reshape(g, h, w, k * c)
+    yg = F.batch_norm(xg.permute(0, 3, 1, 2), mean.view(-1), var.view(-1), weight.repeat(k), bias.repeat(k),
+                      True, 1.0, eps)
+    y = yg.permute(0, 2, 3, 1).reshape(g, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c)
+    return y.permute(0, 3, 1, 2)
 
 
 class _PerGroup(torch.autograd.Function):
@@ -164,25 +190,41 @@ def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = Fa
 
 @torch.no_grad()
 def commit_running_stats(model: nn.Module) -> None:
-    """Fold the step's group statistics, from all processes, into the running averages."""
+    """Fold the step's group statistics, from all processes, into the running averages.
+
+    All layers at once, in a fixed number of operations: one per layer per step (about
+    a dozen each) made this the slowest part of a GPU step after the backward pass, the
+    host issuing hundreds of tiny kernels (docs/BENCHMARKS.md)."""
     bns = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
     if not bns:
         return
-    flat = torch.cat([torch.cat([m.stat_sum.flatten(), m.stat_count.view(1)]) for m in bns])
+    sums = [m.stat_sum.view(-1) for m in bns]  # per layer: c means, then c variances
+    counts = [m.stat_count for m in bns]
+    flat = torch.cat([*sums, torch.stack(counts)])
     dist.all_reduce_sum(flat)
-    offset = 0
-    for m in bns:
-        c = m.num_features
-        sums, count = flat[offset:offset + 2 * c].view(2, c), flat[offset + 2 * c]
-        offset += 2 * c + 1
-        # A layer that saw no group this step keeps its averages. Decided on the device:
-        # `if count > 0` would wait for the GPU once per layer per step.
-        seen = count > 0
-        keep = torch.where(seen, 1 - m.momentum, 1.0).float()
-        take = torch.where(seen, m.momentum, 0.0).float()
-        count = count.clamp_min(1)
-        m.running_mean.mul_(keep).add_((sums[0] / count).float() * take)
-        m.running_var.mul_(keep).add_((sums[1] / count).float() * take)
-        m.num_batches_tracked.add_(seen.long())
-        m.stat_sum.zero_()
-        m.stat_count.zero_()
+    layout = _flat_layout(tuple(s.numel() for s in sums), tuple(m.momentum for m in bns), flat.device)
+    count = flat[layout.total:]
+    # A layer that saw no group this step keeps its averages. Decided on the device:
+    # `if count > 0` would wait for the GPU once per layer per step.
+    seen = count > 0
+    keep = torch.where(seen, 1 - layout.momentum, 1.0).float()[layout.layer]
+    take = torch.where(seen, layout.momentum, 0.0).float()[layout.layer]
+    stats = (flat[:layout.total] / count.clamp_min(1)[layout.layer]).float()
+    running = [b for m in bns for b in (m.running_mean, m.running_var)]
+    new = torch.cat(running).mul_(keep).add_(stats.mul_(take))
+    torch._foreach_copy_(running, list(new.split([b.numel() for b in running])))
+    torch._foreach_add_([m.num_batches_tracked for m in bns], list(seen.long().unbind()))
+    torch._foreach_zero_(sums + counts)
+
+
+class _FlatLayout(NamedTuple):
+    total: int               # statistics in the flat buffer (all layers' means and variances)
+    layer: torch.Tensor      # each statistic's layer
+    momentum: torch.Tensor   # each layer's momentum
+
+
+@functools.lru_cache(maxsize=8)
+def _flat_layout(sizes: tuple[int, ...], momenta: tuple[float, ...], device: torch.device) -> _FlatLayout:
+    """Built once per model and device, so that a step copies nothing to the device."""
+    layer = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return _FlatLayout(sum(sizes), layer.to(device), torch.tensor(momenta, dtype=torch.float64).to(device))
