@@ -116,3 +116,52 @@ def test_sgd_takes_torchs_fused_step_with_the_loops_result():
             opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_by_group_computes_the_per_tensor_update(device, nesterov, monkeypatch):
+    """The multi-tensor form (a GPU's) against the per-tensor loop (a CPU's), over steps
+    that create and then use the momentum buffers, with weight decay on both groups, a
+    zero-init weight (trust ratio 1) and a tensor without a gradient."""
+    models, opts = [], []
+    for by_group in (False, True):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="resnet8", bn_group_size=0), 1, 10).to(device)
+        torch.nn.init.zeros_(model.fc.weight)
+        model.fc.bias.requires_grad_(False)
+        opt = build_optimizer(model, OptimConfig(name="lars", momentum=0.9, nesterov=nesterov))
+        apply_schedule(opt, lr=0.5, weight_decay=1e-3)
+        if by_group:
+            monkeypatch.setattr(opt, "step", lambda o=opt: [o.update_group(g) for g in o.param_groups])
+        elif device == "cuda":
+            monkeypatch.setattr(opt, "step", lambda o=opt: super(LARS, o).step())
+        models.append(model)
+        opts.append(opt)
+    x = torch.randn(8, 1, 28, 28, device=device)
+    for _ in range(3):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(opts[1].state) == len(opts[0].state) > 0  # the momentum buffers are kept, for checkpoints
+    for p, q in zip(*(m.parameters() for m in models)):
+        if p in opts[0].state:
+            torch.testing.assert_close(opts[1].state[q]["momentum_buffer"], opts[0].state[p]["momentum_buffer"],
+                                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_lars_takes_the_multi_tensor_form_on_a_gpu(monkeypatch):
+    w = torch.ones(3, device="cuda", requires_grad=True)
+    opt = LARS([w], lr=1.0, momentum=0.0)
+    calls = []
+    monkeypatch.setattr(opt, "update", lambda p, g: calls.append(p))
+    w.grad = torch.ones(3, device="cuda")
+    opt.step()
+    assert calls == [] and w.detach().lt(1).all()
