@@ -192,9 +192,9 @@ def convert(module: nn.Module, group_size: int, momentum: float, sync: bool = Fa
 def commit_running_stats(model: nn.Module) -> None:
     """Fold the step's group statistics, from all processes, into the running averages.
 
-    All layers at once, in a fixed number of operations: one per layer per step (about
-    a dozen each) made this the slowest part of a GPU step after the backward pass, the
-    host issuing hundreds of tiny kernels (docs/BENCHMARKS.md)."""
+    All layers at once, in a fixed number of operations: written per layer, it issued
+    about two dozen each, and on a GPU each is a kernel launch the host waits to issue
+    (docs/BENCHMARKS.md)."""
     bns = [m for m in model.modules() if isinstance(m, GroupBatchNorm2d)]
     if not bns:
         return
