@@ -103,7 +103,7 @@ def test_the_separate_kernels_run_where_the_fused_ones_do_not_apply(monkeypatch)
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
-    import torch.utils.cpp_extension as cpp
+    cpp = bn_relu._import_cpp_extension()  # quietly, as the layer does
     monkeypatch.setattr(bn_relu, "_extension", None)
     monkeypatch.setattr(bn_relu, "_failed", False)
     monkeypatch.setattr(cpp, "load_inline", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))

@@ -19,6 +19,7 @@ before.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -209,7 +210,7 @@ def extension():
     global _extension, _failed
     if _extension is None and not _failed:
         try:
-            from torch.utils import cpp_extension
+            cpp_extension = _import_cpp_extension()
             lock = Path(cpp_extension._get_build_directory(NAME, False)) / "lock"
             if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
                 lock.unlink(missing_ok=True)
@@ -227,6 +228,19 @@ def extension():
             print(f"largebatch: fused batch norm + ReLU unavailable ({str(e).strip().splitlines()[-1][:200]}); "
                   f"BN and ReLU run as separate kernels", file=sys.stderr)
     return _extension
+
+
+def _import_cpp_extension():
+    """torch's extension loader, without the warning its import logs where it finds a CUDA
+    toolkit but no GPU: these kernels are CPU code."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
+    return cpp_extension
 
 
 def applies(x: torch.Tensor, channels: int, residual: torch.Tensor | None = None) -> bool:
