@@ -12,6 +12,7 @@
 # (ResNet-50, bf16, channels_last, synthetic data, BN over groups of 32, deterministic
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
+# bench_groups_baseline.json (as bench_groups.json, with BASELINE's package),
 # bench_compiled.json (the first with torch.compile); bn_group_forms.json (five ways to
 # normalise groups of 32, timed on the BN inputs of a ResNet-50 step); optimizer_step.json
 # (one SGD and LARS step over ResNet-50's parameters, per implementation, with the
@@ -25,7 +26,8 @@
 # file even if the command is stopped. Each step has its own time limit, so a step that
 # hangs costs only its share and the others still report. ONLY="tests bench-groups ..."
 # runs the steps named. EPOCHS, BATCH, BENCH_STEPS and E2E_STEPS shrink the runs (to try
-# the script where there is no GPU).
+# the script where there is no GPU); TEST_WORKERS=N runs the tests in N processes
+# (pytest-xdist), TESTS="FILE ..." runs those test files, TESTS_LIMIT its time limit.
 set -u
 OUT=${1:-gpu-check}
 ARCHIVE=${2:-}
@@ -58,14 +60,18 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, its output in O
 }
 
 # one process per GPU: the two-process Ctrl-C test needs a second GPU
-step 200 tests $PY -m pytest -q --maxfail=5 --runxfail -p no:cacheprovider -W ignore::DeprecationWarning \
-    tests/test_cuda.py tests/test_models.py tests/test_train.py tests/test_noise_scale.py tests/test_ensemble.py \
-    tests/test_reliability.py tests/test_checkpoint.py \
-    --deselect "tests/test_reliability.py::test_ctrl_c_checkpoints_and_exits_130[2]"
+TESTS=${TESTS:-tests/test_cuda.py tests/test_models.py tests/test_train.py tests/test_noise_scale.py \
+    tests/test_ensemble.py tests/test_reliability.py tests/test_checkpoint.py tests/test_lars.py}
+step "${TESTS_LIMIT:-200}" tests $PY -m pytest -q ${TEST_WORKERS:+-n $TEST_WORKERS} --maxfail=5 -p no:cacheprovider \
+    -W ignore::DeprecationWarning $TESTS --deselect "tests/test_reliability.py::test_ctrl_c_checkpoints_and_exits_130[2]"
 
 BENCH=(-m largebatch bench --model resnet50 --batch "$BATCH" --dtype bf16 --channels-last --steps "$BENCH_STEPS" --warmup 5 --repeats 3)
 step 60 bench-groups $PY "${BENCH[@]}" --out "$OUT/bench_groups.json"
 step 60 bench-groups-fastest $PY "${BENCH[@]}" --nondeterministic --out "$OUT/bench_groups_fastest.json"
+# the same with an earlier commit's largebatch package (BASELINE: a folder holding it), for
+# a before-and-after on one machine (run from there: the workers import from their folder)
+[ -z "${BASELINE:-}" ] || step 60 bench-groups-baseline env -C "$BASELINE" PYTHONPATH="$BASELINE" $PY "${BENCH[@]}" \
+    --out "$OUT/bench_groups_baseline.json"
 step 60 bench-plain-bn-fastest $PY "${BENCH[@]}" --bn-group-size 0 --nondeterministic --out "$OUT/bench_plain_bn_fastest.json"
 step 60 bn-group-forms $PY experiments/bn_group_forms.py --batch "$BATCH" --group $(( BATCH < 64 ? BATCH / 2 : 32 )) \
     --out "$OUT/bn_group_forms.json"
