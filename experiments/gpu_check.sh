@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with one CUDA GPU and PyTorch installed (no network
-# needed), from the repository root; all steps take about 10 minutes on an H200:
+# needed), from the repository root; all steps take about 15 minutes on an H200:
 #
 #   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # on a machine that has it
 #   mkdir -p .gpu/timm && cp -r PYTORCH_IMAGE_MODELS/{train.py,timm} .gpu/timm/   # for vs-timm
@@ -13,10 +13,10 @@
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
 # bench_groups_baseline.json (as bench_groups.json, with BASELINE's package),
-# bench_compiled.json (the first with torch.compile); bn_group_forms.json (five ways to
+# bench_compiled.json (the first with torch.compile); bn_group_forms.json (six ways to
 # normalise groups of 32, timed on the BN inputs of a ResNet-50 step); optimizer_step.json
-# (one SGD and LARS step over ResNet-50's parameters, per implementation, with the
-# operations each issues);
+# (one SGD and LARS step over ResNet-50's parameters, and one commit of its BN statistics,
+# per implementation, with the operations each issues);
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
 # study's batch 672, to set beside the CPU's); e2e_shards_* and e2e_folder_* (ResNet-50
 # trained end to end from tar shards and from a JPEG folder: summary and per-step
@@ -112,4 +112,4 @@ vs_timm() {  # largebatch beside timm's train.py on the GPU: same settings, and 
         --out "$OUT/vs_timm.json"
 }
 export -f vs_timm
-step 180 vs-timm bash -c vs_timm
+step 300 vs-timm bash -c vs_timm  # five variants at batch 256: 180 s ran four
