@@ -43,6 +43,16 @@ def pick_device(info: dist.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def bn_groups_hint(device: torch.device, group: int, sync: bool, micro_batch: int) -> str | None:
+    """A line for GPU runs whose micro-batch is normalised in several BN groups: what the
+    groups cost there, and the setting that trades their layout independence for speed."""
+    if device.type != "cuda" or sync or not group or micro_batch <= group:
+        return None
+    return (f"largebatch: BN over groups of {group} samples keeps training independent of the process "
+            f"layout, and on a GPU costs up to half the step rate (docs/BENCHMARKS.md, GPU); "
+            f"--set model.bn_group_size=0 normalises each micro-batch of {micro_batch} instead")
+
+
 def prepare_process(t: TrainConfig, info: dist.DistInfo) -> None:
     """This process's threads (train.threads, else OMP_NUM_THREADS, else its share of the
     node's cores) and allocator (train.keep_freed_memory)."""
@@ -214,6 +224,9 @@ def build(cfg: Config, out: Path) -> Run:
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
+    hint = bn_groups_hint(device, cfg.model.bn_group_size, cfg.model.sync_bn, layout.micro_batch)
+    if hint and info.is_main:
+        print(hint, flush=True)
     return Run(cfg=cfg, out=out, device=device, info=info, layout=layout, model=model,
                optimizer=optimizer, sampler=sampler, train_set=train_set, val_set=val_set,
                phases=phases, total_steps=phases[-1].end,

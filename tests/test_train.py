@@ -94,3 +94,14 @@ def test_determinism_settings_leave_a_cpu_run_alone():
     set_determinism(True, torch.device("cpu"))
     set_determinism(False, torch.device("cpu"))
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+def test_a_gpu_run_with_several_bn_groups_per_micro_batch_is_told_what_they_cost():
+    from largebatch.train import bn_groups_hint
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    hint = bn_groups_hint(gpu, 32, False, 256)
+    assert "groups of 32" in hint and "model.bn_group_size=0" in hint and "256" in hint
+    # nothing to say: a CPU (where the groups cost little), one group per micro-batch,
+    # no groups, or SyncBN
+    assert [bn_groups_hint(*a) for a in ((cpu, 32, False, 256), (gpu, 32, False, 32), (gpu, 0, False, 256),
+                                         (gpu, 0, True, 256))] == [None] * 4
