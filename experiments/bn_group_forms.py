@@ -1,4 +1,4 @@
-"""BatchNorm over groups of samples, six ways, on the BN inputs of one ResNet-50 step:
+"""BatchNorm over groups of samples, six ways (seven on a GPU), on the BN inputs of one ResNet-50 step:
 forward + backward of all 53 BN layers, bf16 activations in channels_last, on the GPU
 where there is one. Each form is first checked against the layer's own output and
 gradients; the time is the least of 3 repeats, each the mean of `--calls` passes.
@@ -15,6 +15,8 @@ Forms:
   each moves whole rows of c channels (k*c channels of one batch are g samples' rows
   side by side) and the one call runs cuDNN's channels_last kernels on a GPU: the
   layer's form there since 2026-11-27;
+- Triton kernels (GPU only): experiments/bn_group_triton.py, sums over each group's rows
+  and one pointwise pass each way, no copies (a candidate, checked here first);
 - reductions: GroupBatchNorm2d._fusable run eagerly (the form torch.compile traces);
 - plain BN: one native call over the whole batch (no groups: what groups cost).
 """
@@ -82,11 +84,19 @@ def per_group_functional(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tens
     return torch.cat(ys).contiguous(memory_format=torch.channels_last)
 
 
+def triton_kernels(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    from bn_group_triton import group_batch_norm
+    y, mean, var = group_batch_norm(x, layer.weight, layer.bias, x.shape[0] // layer.group_size, layer.eps)
+    layer._add_stats(mean, var)
+    return y
+
+
 FORMS = {
     "per group": lambda layer, x: layer(x),  # main() keeps the layer to this form
     "per group, F.batch_norm + cat": per_group_functional,
     "gathered": gathered,
     "gathered in channels_last": gathered_channels_last,
+    "Triton kernels": triton_kernels,
     "reductions": lambda layer, x: layer._fusable(x, x.shape[0] // layer.group_size, layer.group_size),
     "plain BN": lambda layer, x: F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps),
 }
@@ -100,6 +110,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        del FORMS["Triton kernels"]  # a GPU's; the interpreter would take hours here
     malloc.keep_freed_memory()  # as training does (train.keep_freed_memory)
     group_bn.GATHER_DEVICES = frozenset()  # the layer itself runs the per-group form
     torch.manual_seed(0)
@@ -117,7 +129,7 @@ def main() -> None:
     # every form computes what the layer computes (the first, largest layer checked)
     want = FORMS["per group"](layers[0], xs[0])
     want_dx, = torch.autograd.grad(want, xs[0], dys[0])
-    for form in ("per group, F.batch_norm + cat", "gathered", "gathered in channels_last", "reductions"):
+    for form in [f for f in FORMS if f not in ("per group", "plain BN")]:
         got = FORMS[form](layers[0], xs[0])
         got_dx, = torch.autograd.grad(got, xs[0], dys[0])
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -160,6 +165,18 @@ def test_running_stats_commit_is_each_layers_update_in_a_fixed_number_of_operati
             group_bn.commit_running_stats(model)
         counts.append(counter.n)
     assert counts[0] == counts[1] < 40
+
+
+def test_the_triton_group_bn_candidate_computes_what_the_layer_does():
+    """experiments/bn_group_triton.py, under Triton's interpreter on the CPU: output,
+    gradients and statistics against torch's batch norm per group, on shapes that cut
+    groups into slices and blocks across groups (a GPU times it in bn_group_forms.py)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "experiments" / "bn_group_triton.py")], cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "matches" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_group_bn_without_statistics_keeps_its_running_averages():
