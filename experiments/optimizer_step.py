@@ -42,18 +42,15 @@ from largebatch.optim.layerwise import LayerwiseOptimizer  # noqa: E402
 class PerTensorLARS(LARS):
     """LARS one tensor at a time, on any device (training's form on a CPU)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        return LayerwiseOptimizer.step(self, closure)
+    def update_group(self, group):
+        LayerwiseOptimizer.update_group(self, group)
 
 
 class MultiTensorLARS(LARS):
     """LARS by group, on any device (training's form on a GPU)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            self.update_group(group)
+    def update_group(self, group):
+        self.update_by_group([p for p in group["params"] if p.grad is not None], group)
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         var = torch.zeros(k, c, device=x.device)
         if k == 1:
             y = F.batch_norm(x, mean[0], var[0], self.weight, self.bias, True, 1.0, self.eps)
-        elif x.device.type in GATHER_DEVICES and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        elif x.device.type in GATHER_DEVICES and x.is_contiguous(memory_format=torch.channels_last):
             y = _gathered(x, self.weight, self.bias, mean, var, self.eps)
         else:
             y = _PerGroup.apply(x, self.weight, self.bias, mean, var, self.eps)

@@ -24,24 +24,18 @@ class LARS(LayerwiseOptimizer):
                         trust=trust, eps=eps, adapt=True)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not any(p.is_cuda for g in self.param_groups for p in g["params"]):
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            self.update_group(group)
-        return loss
-
     def update_group(self, group: dict) -> None:
-        """update() for every tensor of the group: the decayed gradients and both norms
-        in multi-tensor operations, then torch's fused SGD on the scaled steps."""
+        """The form by device (above): by group on a GPU, one tensor at a time elsewhere."""
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
+        if params and params[0].is_cuda:
+            self.update_by_group(params, group)
+        else:
+            super().update_group(group)
+
+    def update_by_group(self, params: list[torch.Tensor], group: dict) -> None:
+        """update() for every tensor of `params` (those of the group with a gradient): the
+        decayed gradients and both norms in multi-tensor operations, then torch's fused
+        SGD on the scaled steps."""
         wd, grads = group["weight_decay"], [p.grad for p in params]
         steps = torch._foreach_add(grads, params, alpha=wd)
         if group["adapt"]:

@@ -22,7 +22,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self.update(p, group)
+            self.update_group(group)
         return loss
+
+    def update_group(self, group: dict) -> None:
+        """update() for each tensor of the group that has a gradient."""
+        for p in group["params"]:
+            if p.grad is not None:
+                self.update(p, group)
