@@ -6,15 +6,15 @@ gradients; the time is the least of 3 repeats, each the mean of `--calls` passes
     python experiments/bn_group_forms.py --batch 256 --group 32 --out docs/bench/bn_group_forms.json
 
 Forms:
-- per group: the layer's form on a CPU (the native kernels once per group);
+- per group: the layer's form (the native kernels once per group);
 - per group, F.batch_norm + cat: the same through the public function, which runs cuDNN's
   kernels on a GPU, and one copy to join the groups;
 - gathered: the groups as k x c channels of one batch of `group` samples, one native
   call, with a transposing copy in and out (the layer's form before 2026-11-27);
 - gathered in channels_last: the same, with the copies kept in channels_last, so that
   each moves whole rows of c channels (k*c channels of one batch are g samples' rows
-  side by side) and the one call runs cuDNN's channels_last kernels on a GPU: the
-  layer's form there since 2026-11-27;
+  side by side) and the one call runs cuDNN's channels_last kernels on a GPU (the
+  layer's form on GPUs for a while: faster here, slower in a whole training step);
 - Triton kernels (GPU only): experiments/bn_group_triton.py, sums over each group's rows
   and one pointwise pass each way, no copies (a candidate, checked here first);
 - reductions: GroupBatchNorm2d._fusable run eagerly (the form torch.compile traces);
@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from largebatch import malloc  # noqa: E402
 from largebatch.autotune import synchronize  # noqa: E402
-from largebatch.models import group_bn  # noqa: E402
-from largebatch.models.group_bn import GroupBatchNorm2d, _gathered  # noqa: E402
+from largebatch.models.group_bn import GroupBatchNorm2d  # noqa: E402
 
 
 def bn_input_shapes(batch: int, device: torch.device) -> list[tuple[int, ...]]:
@@ -65,12 +64,20 @@ def gathered(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def gathered_channels_last(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """The layer's form on a GPU (group_bn._gathered): one permuting copy each way."""
-    k, c = x.shape[0] // layer.group_size, x.shape[1]
-    mean, var = torch.zeros(k, c, device=x.device), torch.zeros(k, c, device=x.device)
-    y = _gathered(x, layer.weight, layer.bias, mean, var, layer.eps)
-    layer._add_stats(mean, var)
-    return y
+    """The k groups as k*c channels of one batch of g samples, for one kernel call. A
+    channels_last batch is (k, g, h, w, c) in memory and (g, h, w, k, c) is that batch,
+    so one permuting copy each way, moving whole rows of c channels; autograd copies the
+    gradients back the same way."""
+    n, c, h, w = x.shape
+    g = layer.group_size
+    k = n // g
+    mean, var = torch.zeros(k * c, device=x.device), torch.zeros(k * c, device=x.device)
+    xg = x.permute(0, 2, 3, 1).reshape(k, g, h, w, c).permute(1, 2, 3, 0, 4).reshape(g, h, w, k * c)
+    yg = F.batch_norm(xg.permute(0, 3, 1, 2), mean, var, layer.weight.repeat(k), layer.bias.repeat(k),
+                      True, 1.0, layer.eps)
+    layer._add_stats(mean.view(k, c), var.view(k, c))
+    y = yg.permute(0, 2, 3, 1).reshape(g, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c)
+    return y.permute(0, 3, 1, 2)
 
 
 def per_group_functional(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +120,6 @@ def main() -> None:
     if device.type != "cuda":
         del FORMS["Triton kernels"]  # a GPU's; the interpreter would take hours here
     malloc.keep_freed_memory()  # as training does (train.keep_freed_memory)
-    group_bn.GATHER_DEVICES = frozenset()  # the layer itself runs the per-group form
     torch.manual_seed(0)
     shapes = bn_input_shapes(args.batch, device)
     layers = [GroupBatchNorm2d(s[1], group_size=args.group).to(device) for s in shapes]

@@ -49,7 +49,7 @@ def bn_groups_hint(device: torch.device, group: int, sync: bool, micro_batch: in
     if device.type != "cuda" or sync or not group or micro_batch <= group:
         return None
     return (f"largebatch: BN over groups of {group} samples keeps training independent of the process "
-            f"layout, and on a GPU costs up to half the step rate (docs/BENCHMARKS.md, GPU); "
+            f"layout, and on a GPU runs at about a third of the step rate of plain BN (docs/BENCHMARKS.md, GPU); "
             f"--set model.bn_group_size=0 normalises each micro-batch of {micro_batch} instead")
 
 

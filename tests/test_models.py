@@ -54,13 +54,10 @@ def test_channel_mismatch_names_the_key():
         model_channels(ModelConfig(name="vgg16"), 3)
 
 
-@pytest.mark.parametrize("gathered", [False, True], ids=["per-group", "gathered"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_group_bn_normalises_each_group_like_plain_bn(fmt, device, gathered, monkeypatch):
-    """Forward and backward, in both memory formats, with the groups normalised one call
-    each or gathered as the channels of one call: each group is its own batch."""
-    monkeypatch.setattr(group_bn, "GATHER_DEVICES", frozenset({device} if gathered else ()))
+def test_group_bn_normalises_each_group_like_plain_bn(fmt, device):
+    """Forward and backward, in both memory formats: each group is its own batch."""
     torch.manual_seed(0)
     x = (torch.randn(12, 3, 5, 5, device=device) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
     gbn = group_bn.GroupBatchNorm2d(3, group_size=4).to(device)
@@ -168,14 +165,18 @@ def test_running_stats_commit_is_each_layers_update_in_a_fixed_number_of_operati
 
 
 def test_the_triton_group_bn_candidate_computes_what_the_layer_does():
-    """experiments/bn_group_triton.py, under Triton's interpreter on the CPU: output,
-    gradients and statistics against torch's batch norm per group, on shapes that cut
-    groups into slices and blocks across groups (a GPU times it in bn_group_forms.py)."""
+    """experiments/bn_group_triton.py: output, gradients and statistics against torch's
+    batch norm per group, on shapes that cut groups into slices and blocks across groups;
+    compiled on a GPU, else under Triton's interpreter on the CPU (a GPU times it in
+    bn_group_forms.py)."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
+    # compiled where there is a GPU, as bn_group_forms.py times them (the interpreter of
+    # the Triton that torch 2.11 brings failed on these kernels there)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} if torch.cuda.is_available() else \
+        {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(root / "experiments" / "bn_group_triton.py")], cwd=root,
-                          env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
-                          capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "matches" in proc.stdout, proc.stderr[-3000:]
 
 

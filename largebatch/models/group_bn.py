@@ -22,13 +22,6 @@ from . import bn_relu
 from .sync_bn import sync_batch_norm
 
 
-# Devices where a channels_last micro-batch's groups are normalised by one kernel call over
-# the groups gathered as channels (_gathered) instead of one call per group (_PerGroup):
-# on a GPU copies are cheap and each call costs launches (ResNet-50's 53 BN layers 1.24x
-# faster, docs/BENCHMARKS.md); a CPU pays for the copies (0.57x).
-GATHER_DEVICES: frozenset[str] = frozenset({"cuda"})
-
-
 class GroupBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, group_size: int = 0, sync: bool = False, fuse_relu: bool = True,
                  **kwargs):
@@ -64,8 +57,6 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
         var = torch.zeros(k, c, device=x.device)
         if k == 1:
             y = F.batch_norm(x, mean[0], var[0], self.weight, self.bias, True, 1.0, self.eps)
-        elif x.device.type in GATHER_DEVICES and x.is_contiguous(memory_format=torch.channels_last):
-            y = _gathered(x, self.weight, self.bias, mean, var, self.eps)
         else:
             y = _PerGroup.apply(x, self.weight, self.bias, mean, var, self.eps)
         self._add_stats(mean, var)
@@ -118,28 +109,14 @@ def add_relu(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     return F.relu(y, inplace=True)
 
 
-def _gathered(x, weight, bias, mean, var, eps) -> torch.Tensor:
-    """The k groups as k*c channels of one batch of g samples, for one kernel call. A
-    channels_last batch is (k, g, h, w, c) in memory and (g, h, w, k, c) is that batch,
-    so one permuting copy each way, moving whole rows of c channels; autograd copies the
-    gradients back the same way. mean and var (k, c) receive the statistics."""
-    n, c, h, w = x.shape
-    k = mean.shape[0]
-    g = n // k
-    xg = x.permute(0, 2, 3, 1).reshape(k, g, h, w, c).permute(1, 2, 3, 0, 4).reshape(g, h, w, k * c)
-    yg = F.batch_norm(xg.permute(0, 3, 1, 2), mean.view(-1), var.view(-1), weight.repeat(k), bias.repeat(k),
-                      True, 1.0, eps)
-    y = yg.permute(0, 2, 3, 1).reshape(g, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c)
-    return y.permute(0, 3, 1, 2)
-
-
 class _PerGroup(torch.autograd.Function):
     """The native batch-norm kernels run once per group, each on its slice of the batch
     (a view, in either memory format) and writing into its slice of one output: no copy
     of the activations. Gathering the groups into one tensor of k*c channels for a single
-    kernel call instead costs a transposing copy each way, forward and backward, which
-    took about a tenth of a ResNet-8 step (docs/BENCHMARKS.md). Affine layers only, as
-    every model here has."""
+    kernel call instead costs a transposing copy each way, forward and backward: about a
+    tenth of a ResNet-8 step on a CPU, and a slower ResNet-50 step on a GPU too, though
+    the BN layers alone ran faster that way there (docs/BENCHMARKS.md). Affine layers
+    only, as every model here has."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps):
