@@ -1,9 +1,10 @@
 """BatchNorm over groups of samples as Triton kernels, for a GPU: a candidate form for
 experiments/bn_group_forms.py, not used in training until a GPU has measured it.
 
-Why: on a GPU the layer runs either one cuDNN call per group or one over the groups
-gathered as channels, with a permuting copy each way (largebatch/models/group_bn.py);
-both cost launches or copies that the arithmetic does not need. In channels_last a
+Why: on a GPU the layer runs one native call per group (largebatch/models/group_bn.py),
+and the other way, one call over the groups gathered as channels, costs a permuting copy
+each way (experiments/bn_group_forms.py): launches or copies that the arithmetic does not
+need. In channels_last a
 batch is an (N*H*W, C) matrix whose group k is one block of consecutive rows, so four
 kernels suffice: per-channel sums of x over each group's rows (forward) and of dy and
 dy * (x - mean) (backward), each in parallel slices of rows, added in float64 by torch

@@ -13,8 +13,10 @@
 # algorithms as in training), bench_groups_fastest.json and bench_plain_bn_fastest.json
 # (cuDNN's fastest algorithms; BN over groups of 32 and over the whole batch),
 # bench_groups_baseline.json (as bench_groups.json, with BASELINE's package),
-# bench_compiled.json (the first with torch.compile); bn_group_forms.json (six ways to
-# normalise groups of 32, timed on the BN inputs of a ResNet-50 step); optimizer_step.json
+# bench_groups_gathered_{native,functional}.json (as bench_groups.json, the groups
+# gathered into one call per layer, two ways), bench_compiled.json (the first with
+# torch.compile); bn_group_forms.json (the ways to normalise groups of 32 in
+# bn_group_forms.py, timed on the BN inputs of a ResNet-50 step); optimizer_step.json
 # (one SGD and LARS step over ResNet-50's parameters, and one commit of its BN statistics,
 # per implementation, with the operations each issues);
 # study_b672_summary.json and _metrics.jsonl (one 12-epoch run of the critical-batch
@@ -72,6 +74,16 @@ step 60 bench-groups-fastest $PY "${BENCH[@]}" --nondeterministic --out "$OUT/be
 # a before-and-after on one machine (run from there: the workers import from their folder)
 [ -z "${BASELINE:-}" ] || step 60 bench-groups-baseline env -C "$BASELINE" PYTHONPATH="$BASELINE" $PY "${BENCH[@]}" \
     --out "$OUT/bench_groups_baseline.json"
+# the same with the BN groups gathered into one call per layer (bn_group_forms.GatheredFn,
+# with aten's native kernels, and with F.batch_norm's: cuDNN's), switched on in bench's
+# worker processes by a sitecustomize.py on their PYTHONPATH
+for fn in native functional; do
+    mkdir -p "$SCRATCH/gathered_$fn"
+    echo "import bn_group_forms; bn_group_forms.use_gathered_function_in_layer(functional=$([ $fn = functional ] \
+        && echo True || echo False))" > "$SCRATCH/gathered_$fn/sitecustomize.py"
+    step 60 bench-groups-gathered-$fn env PYTHONPATH="$SCRATCH/gathered_$fn:$PWD/experiments:$PYTHONPATH" \
+        $PY "${BENCH[@]}" --out "$OUT/bench_groups_gathered_$fn.json"
+done
 step 60 bench-plain-bn-fastest $PY "${BENCH[@]}" --bn-group-size 0 --nondeterministic --out "$OUT/bench_plain_bn_fastest.json"
 step 60 bn-group-forms $PY experiments/bn_group_forms.py --batch "$BATCH" --group $(( BATCH < 64 ? BATCH / 2 : 32 )) \
     --out "$OUT/bn_group_forms.json"

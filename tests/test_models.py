@@ -180,6 +180,35 @@ def test_the_triton_group_bn_candidate_computes_what_the_layer_does():
     assert proc.returncode == 0 and "matches" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("functional", [False, True], ids=["native", "F.batch_norm"])
+def test_the_gathered_group_bn_candidate_computes_what_the_layer_does(functional):
+    """experiments/bn_group_forms.py's GatheredFn (the groups as the channels of one call,
+    timed in a whole step on a GPU by gpu_check.sh): output, gradients and statistics as
+    the layer's, and an output of its own, so that the model's in-place ReLU after it adds
+    no as_strided node to the backward (which made the view-returning form slow)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    from bn_group_forms import gathered_function
+    torch.manual_seed(0)
+    layers = [group_bn.GroupBatchNorm2d(32, group_size=3, fuse_relu=False) for _ in range(2)]
+    nn.init.uniform_(layers[0].weight)
+    nn.init.uniform_(layers[0].bias)
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = (torch.randn(9, 32, 4, 5) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in layers]
+    dy = torch.randn_like(x)
+    want, got = layers[0](xs[0]), torch.relu_(gathered_function(layers[1], xs[1], functional))
+    nodes = [got.grad_fn, *(f for f, _ in got.grad_fn.next_functions if f is not None)]
+    assert not [f for f in nodes if type(f).__name__ in ("AsStridedBackward0", "CopySlices")]
+    torch.relu_(want).backward(dy)
+    got.backward(dy)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(layers[1], name).grad, getattr(layers[0], name).grad)
+    torch.testing.assert_close(layers[1].stat_sum, layers[0].stat_sum)
+
+
 def test_group_bn_without_statistics_keeps_its_running_averages():
     gbn = group_bn.GroupBatchNorm2d(2, group_size=2, momentum=0.5)
     gbn.running_mean.fill_(0.25)

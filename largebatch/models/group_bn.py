@@ -114,9 +114,9 @@ class _PerGroup(torch.autograd.Function):
     (a view, in either memory format) and writing into its slice of one output: no copy
     of the activations. Gathering the groups into one tensor of k*c channels for a single
     kernel call instead costs a transposing copy each way, forward and backward: about a
-    tenth of a ResNet-8 step on a CPU, and a slower ResNet-50 step on a GPU too, though
-    the BN layers alone ran faster that way there (docs/BENCHMARKS.md). Affine layers
-    only, as every model here has."""
+    tenth of a ResNet-8 step on a CPU; on a GPU it is a candidate that
+    experiments/bn_group_forms.py times (docs/BENCHMARKS.md, GPU). Affine layers only, as
+    every model here has."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, eps):
