@@ -102,6 +102,16 @@ def test_the_separate_kernels_run_where_the_fused_ones_do_not_apply(monkeypatch)
     plain.forward_relu(xb)  # fuse_relu=False
 
 
+def test_each_torch_installation_builds_the_kernels_in_a_folder_of_its_own():
+    """Two environments (or checkouts with their own) alternating would otherwise rebuild
+    the kernels at every switch: the build file names torch's folders."""
+    here = bn_relu.build_name("/venv-a/lib/python3.11/site-packages/torch")
+    assert here == bn_relu.build_name("/venv-a/lib/python3.11/site-packages/torch")
+    assert here != bn_relu.build_name("/venv-b/lib/python3.11/site-packages/torch")
+    assert here.startswith("largebatch_bn_relu_") and here.isidentifier()  # a Python module's name
+    assert bn_relu.NAME == bn_relu.build_name(os.path.dirname(os.path.abspath(torch.__file__)))
+
+
 def test_a_kernel_that_cannot_be_built_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
     cpp = bn_relu._import_cpp_extension()  # quietly, as the layer does
     monkeypatch.setattr(bn_relu, "_extension", None)

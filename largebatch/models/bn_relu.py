@@ -19,7 +19,9 @@ before.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,8 +29,6 @@ from pathlib import Path
 import torch
 
 from .. import dist
-
-NAME = "largebatch_bn_relu"
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -200,6 +200,20 @@ std::vector<at::Tensor> backward(at::Tensor gy, at::Tensor x, c10::optional<at::
 }
 """
 
+FLAGS = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512dq", "-mfma", "-fopenmp"]
+
+
+def build_name(torch_dir: str) -> str:
+    """The extension's name, and so its build folder: one per source, flags and torch
+    installation. The build file names torch's include and library folders, so two
+    environments sharing one name would each rebuild the kernels (about 20 s) whenever
+    the other had run last, and replace them under each other."""
+    key = "\0".join([_SOURCE, *FLAGS, torch_dir])
+    return "largebatch_bn_relu_" + hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+NAME = build_name(os.path.dirname(os.path.abspath(torch.__file__)))  # as torch names it in the build file
 _extension = None
 _failed = False
 STALE_LOCK_S = 600  # a build lock this old was left by a killed build: torch would wait on it forever
@@ -214,11 +228,9 @@ def extension():
             lock = Path(cpp_extension._get_build_directory(NAME, False)) / "lock"
             if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
                 lock.unlink(missing_ok=True)
-            flags = ["-O3", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
-                     "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
             t0 = time.perf_counter()
             _extension = cpp_extension.load_inline(NAME, cpp_sources=_SOURCE, functions=["forward", "backward"],
-                                                   extra_cflags=flags, extra_ldflags=["-fopenmp"])
+                                                   extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
             built = time.perf_counter() - t0
             if built > 5 and dist.info().is_main:
                 print(f"largebatch: built the fused batch-norm + ReLU kernels in {built:.0f} s (once: "
