@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with one CUDA GPU and PyTorch installed (no network
-# needed), from the repository root; all steps take about 15 minutes on an H200:
+# needed), from the repository root; all steps take about 20 minutes on an H200 (ONLY,
+# below, picks some):
 #
 #   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # on a machine that has it
 #   mkdir -p .gpu/timm && cp -r PYTORCH_IMAGE_MODELS/{train.py,timm} .gpu/timm/   # for vs-timm
@@ -85,7 +86,7 @@ for fn in native functional; do
         $PY "${BENCH[@]}" --out "$OUT/bench_groups_gathered_$fn.json"
 done
 step 60 bench-plain-bn-fastest $PY "${BENCH[@]}" --bn-group-size 0 --nondeterministic --out "$OUT/bench_plain_bn_fastest.json"
-step 60 bn-group-forms $PY experiments/bn_group_forms.py --batch "$BATCH" --group $(( BATCH < 64 ? BATCH / 2 : 32 )) \
+step 90 bn-group-forms $PY experiments/bn_group_forms.py --batch "$BATCH" --group $(( BATCH < 64 ? BATCH / 2 : 32 )) \
     --out "$OUT/bn_group_forms.json"
 step 60 optimizer-step $PY experiments/optimizer_step.py --out "$OUT/optimizer_step.json"
 
