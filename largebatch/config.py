@@ -79,9 +79,7 @@ class DataConfig:
     min_aspect: float = 0.75
     max_aspect: float = 1.3333333333333333
     workers: int = -1
-    """DataLoader worker processes per training process; 0 = load in the training process
-    (image batches decode there on the step's threads); -1 = choose by dataset and device
-    (on a CPU 0, on a GPU the process's cores but one, at most 8)."""
+    """DataLoader worker processes per training process; -1 = choose by dataset."""
     synthetic_samples: int = 1024
     synthetic_classes: int = 1000
     synthetic_channels: int = 3

@@ -4,6 +4,7 @@ it BatchSpecs from the global sampler, in order."""
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Iterable
 
@@ -90,13 +91,13 @@ def default_workers(cfg: DataConfig, local_world_size: int, device: torch.device
         return cfg.workers
     if cfg.name not in ("folder", "shards"):
         return 0  # in-memory batches cost less than a worker's hand-off
-    if device.type == "cpu":
-        # The model computes on the same cores, so a worker's decoding takes a core from it
-        # while the step runs. Loaded in the training process instead, each batch decodes
-        # on all the step's threads between steps (folder.decode_map): 1.1-2.1 % faster
-        # end to end on 2 cores (docs/BENCHMARKS.md, "What the input costs").
-        return 0
     cores = max(1, dist.usable_cores() // max(local_world_size, 1))
+    if device.type == "cpu":
+        # The model computes on the same cores. One worker decodes about 560 JPEG images/s
+        # (900 from shards) and a CPU core trains ResNet-50 at 3-10 images/s: one worker
+        # per 16 cores of the process keeps even ResNet-18 or evaluation fed, and leaves
+        # the rest to the model (docs/BENCHMARKS.md).
+        return max(1, min(8, math.ceil(cores / 16)))
     return max(1, min(8, cores - 1))  # a GPU's main process wants every other core decoding
 
 

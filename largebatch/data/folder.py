@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -156,45 +155,25 @@ class ImageSet:
     def __getitem__(self, spec: BatchSpec) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         u = (sample_uniforms(self.seed, spec.epoch, spec.indices, 4 * CROP_ATTEMPTS + 1)
              if self.augment and spec.augment else [None] * len(spec.indices))
-        samples = decode_map(self.sample, list(zip(spec.indices, u)))
+        arrays, labels, bad = [], [], []
+        for i, k in enumerate(spec.indices):
+            for _ in range(len(self)):
+                try:
+                    arrays.append(decode_transform(self.source(k), u[i], self.cfg, self.train))
+                    break
+                except UnreadableImage as e:
+                    if self.cfg.strict:
+                        raise UnreadableImage(f"{e} (data.strict is on; without --strict the file is "
+                                              f"skipped and reported)") from None
+                    bad.append(self.name(k))
+                    k = (k + 1) % len(self)
+            else:
+                raise UnreadableImage("no readable image in the dataset")
+            labels.append(self.labels[k])
         # uint8 (N, 3, H, W) in channels-last memory: a quarter of float32's bytes through the
         # loader's queue; data.model_input normalises it on the training device.
-        x = torch.from_numpy(np.stack([a for a, _, _ in samples])).permute(0, 3, 1, 2)
-        return x, torch.tensor([label for _, label, _ in samples], dtype=torch.long), \
-            [name for _, _, bad in samples for name in bad]
-
-    def sample(self, k_u: tuple[int, np.ndarray | None]) -> tuple[np.ndarray, int, list[str]]:
-        """Sample k decoded (the next readable one where k is not), its label, and the
-        names of the unreadable files passed over."""
-        k, u = k_u
-        bad = []
-        for _ in range(len(self)):
-            try:
-                return decode_transform(self.source(k), u, self.cfg, self.train), self.labels[k], bad
-            except UnreadableImage as e:
-                if self.cfg.strict:
-                    raise UnreadableImage(f"{e} (data.strict is on; without --strict the file is "
-                                          f"skipped and reported)") from None
-                bad.append(self.name(k))
-                k = (k + 1) % len(self)
-        raise UnreadableImage("no readable image in the dataset")
-
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool) of the training process
-
-
-def decode_map(fn, items: list) -> list:
-    """[fn(item) for item in items], on the training process's threads when the batch is
-    loaded there (data.workers 0): between steps the cores the model computes on are
-    idle, and PIL releases the GIL while it decodes and resizes. In a loader worker, which
-    has one core's share, one after another. The order, and so the batch, is the same."""
-    global _pool
-    threads = torch.get_num_threads()
-    if torch.utils.data.get_worker_info() is not None or threads == 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    if _pool is None or _pool[0] != threads:
-        _pool = threads, ThreadPoolExecutor(threads, thread_name_prefix="largebatch-decode")
-    return list(_pool[1].map(fn, items))
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return x, torch.tensor(labels, dtype=torch.long), bad
 
 
 class ImageFolder(ImageSet):

@@ -158,10 +158,8 @@ class Shards(ImageSet):
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # a forked loader worker opens its own descriptors
             self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:  # decoding threads may race here: one descriptor is kept
-            fd = os.open(self.dir / self.shards[shard], os.O_RDONLY)
-            if self._fds.setdefault(shard, fd) != fd:
-                os.close(fd)
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.dir / self.shards[shard], os.O_RDONLY)
         return self._fds[shard]
 
     def source(self, k: int):
