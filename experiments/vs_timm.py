@@ -14,7 +14,8 @@ Variants:
   RandomResizedCrop + flip (timm's colour jitter off, as largebatch has none);
 - defaults: batch 32 in both (the only setting given besides the data and the device),
   every other choice each tool's own (workers, precision, memory layout, augmentation);
-- largebatch from shards packed at shorter side 256, same settings, beside timm's folder.
+- largebatch from shards packed at shorter side 256, same settings, beside timm's folder;
+- largebatch loading in the training process instead of one worker.
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cp
                                          "--out", str(work / "lbs")], batch),
         "largebatch same loading in the training process": (
             lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], batch),
+        "largebatch shards same loading in the training process": (
+            lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb, "--set", "data.workers=0",
+                  "--out", str(work / "lbs")], batch),
         # timm with glibc told to keep freed memory, as largebatch does by default
         # (train.keep_freed_memory): what the same allocator setting is worth to timm
         "timm same malloc kept": (tm + same_tm, batch),
