@@ -67,28 +67,26 @@ def gathered(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return yg.reshape(g, k, *x.shape[1:]).transpose(0, 1).reshape(x.shape).contiguous(memory_format=torch.channels_last)
 
 
-def gathered_channels_last(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """The k groups as k*c channels of one batch of g samples, for one kernel call. A
-    channels_last batch is (k, g, h, w, c) in memory and (g, h, w, k, c) is that batch,
-    so one permuting copy each way, moving whole rows of c channels; autograd copies the
-    gradients back the same way."""
-    n, c, h, w = x.shape
-    g = layer.group_size
-    k = n // g
-    mean, var = torch.zeros(k * c, device=x.device), torch.zeros(k * c, device=x.device)
-    xg = x.permute(0, 2, 3, 1).reshape(k, g, h, w, c).permute(1, 2, 3, 0, 4).reshape(g, h, w, k * c)
-    yg = F.batch_norm(xg.permute(0, 3, 1, 2), mean, var, layer.weight.repeat(k), layer.bias.repeat(k),
-                      True, 1.0, layer.eps)
-    layer._add_stats(mean.view(k, c), var.view(k, c))
-    y = yg.permute(0, 2, 3, 1).reshape(g, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c)
-    return y.permute(0, 3, 1, 2)
-
-
 def _gather(t: torch.Tensor, k: int) -> torch.Tensor:
     """(k*g, c, h, w) channels_last -> (g, k*c, h, w) channels_last, one copy."""
     n, c, h, w = t.shape
     g = n // k
     return t.permute(0, 2, 3, 1).reshape(k, g, h, w, c).permute(1, 2, 3, 0, 4).reshape(g, h, w, k * c).permute(0, 3, 1, 2)
+
+
+def gathered_channels_last(layer: GroupBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The k groups as k*c channels of one batch of g samples, for one kernel call. A
+    channels_last batch is (k, g, h, w, c) in memory and (g, h, w, k, c) is that batch,
+    so one permuting copy each way, moving whole rows of c channels; autograd copies the
+    gradients back the same way. The output is a permuted view of the copy back, as the
+    layer had it (GatheredFn returns a tensor of its own instead)."""
+    n, c, h, w = x.shape
+    k = n // layer.group_size
+    mean, var = torch.zeros(k * c, device=x.device), torch.zeros(k * c, device=x.device)
+    yg = F.batch_norm(_gather(x, k), mean, var, layer.weight.repeat(k), layer.bias.repeat(k), True, 1.0, layer.eps)
+    layer._add_stats(mean.view(k, c), var.view(k, c))
+    y = yg.permute(0, 2, 3, 1).reshape(-1, h, w, k, c).permute(3, 0, 1, 2, 4).reshape(n, h, w, c)
+    return y.permute(0, 3, 1, 2)
 
 
 def _ungather(tg: torch.Tensor, like: torch.Tensor, k: int) -> torch.Tensor:

@@ -35,6 +35,22 @@ from common import ROOT, hardware
 from largebatch.malloc import TUNABLES
 
 PER_CLASS = 40  # 400 training images: 25 steps of 16, 12 of 32
+LARGEBATCH = [sys.executable, "-m", "largebatch", "train", "--recipe", "goyal-8k", "--set", "train.log_every_steps=1",
+              "--set", "schedule.warmup_epochs=0.1",  # the recipe's 5 epochs are longer than these runs
+              "--set", "train.eval_every_epochs=0"]
+
+
+def largebatch_same(data: list[str], out: Path, extra: tuple[str, ...] = (), device: str = "cpu", batch: int = 16,
+                    workers: int = 1, steps: int = 25) -> list[str]:
+    """largebatch's command with timm's same settings (`data`: where the images come from;
+    `extra`: settings that override them)."""
+    same = ["--global-batch", str(batch), "--micro-batch", str(batch), "--steps", str(steps),
+            "--set", "train.bf16=true", "--set", "train.channels_last=true", "--set", f"data.workers={workers}",
+            "--set", "train.compile=false",
+            "--set", "model.bn_group_size=0"]  # BN over the whole batch, as timm
+    if device == "cuda":  # timm lets cuDNN pick its fastest algorithms (cudnn.benchmark)
+        same += ["--set", "train.deterministic=false"]
+    return [*LARGEBATCH, *data, *same, *extra, "--out", str(out)]
 
 
 def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cpu", batch: int = 16,
@@ -44,15 +60,10 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cp
     that timm (which counts in epochs) needs for `steps` steps."""
     def epochs(b: int, n: int) -> str:
         return str(-(-n * b // images))
-    lb = [sys.executable, "-m", "largebatch", "train", "--recipe", "goyal-8k", "--set", "train.log_every_steps=1",
-          "--set", "schedule.warmup_epochs=0.1",  # the recipe's 5 epochs are longer than these runs
-          "--set", "train.eval_every_epochs=0"]
-    same_lb = ["--global-batch", str(batch), "--micro-batch", str(batch), "--steps", str(steps),
-               "--set", "train.bf16=true", "--set", "train.channels_last=true", "--set", f"data.workers={workers}",
-               "--set", "train.compile=false",
-               "--set", "model.bn_group_size=0"]  # BN over the whole batch, as timm
-    if device == "cuda":  # timm lets cuDNN pick its fastest algorithms (cudnn.benchmark)
-        same_lb += ["--set", "train.deterministic=false"]
+
+    def same(data: list[str], out: str, *extra: str) -> tuple[list[str], int]:
+        return largebatch_same(data, work / out, extra, device, batch, workers, steps), batch
+    folder, packed = ["--data", str(tree)], ["--data", str(shards), "--set", "data.name=shards"]
     tm = [sys.executable, str(timm / "train.py"), "--data-dir", str(tree), "--model", "resnet50", "--num-classes", "10",
           "--device", device, "--log-interval", "1", "--output", str(work / "timm")]
     same_tm = ["-b", str(batch), "-j", str(workers), "--epochs", epochs(batch, steps), "--amp", "--amp-dtype",
@@ -60,25 +71,20 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cp
     defaults_steps = max(1, steps * batch // defaults_batch)
     return {
         "timm same": (tm + same_tm, batch),
-        "largebatch same": (lb + ["--data", str(tree), *same_lb, "--out", str(work / "lb")], batch),
-        "largebatch shards same": (lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb,
-                                         "--out", str(work / "lbs")], batch),
-        "largebatch same loading in the training process": (
-            lb + ["--data", str(tree), *same_lb, "--set", "data.workers=0", "--out", str(work / "lb")], batch),
-        "largebatch shards same loading in the training process": (
-            lb + ["--data", str(shards), "--set", "data.name=shards", *same_lb, "--set", "data.workers=0",
-                  "--out", str(work / "lbs")], batch),
+        "largebatch same": same(folder, "lb"),
+        "largebatch shards same": same(packed, "lbs"),
+        "largebatch same loading in the training process": same(folder, "lb", "--set", "data.workers=0"),
+        "largebatch shards same loading in the training process": same(packed, "lbs", "--set", "data.workers=0"),
         # timm with glibc told to keep freed memory, as largebatch does by default
         # (train.keep_freed_memory): what the same allocator setting is worth to timm
         "timm same malloc kept": (tm + same_tm, batch),
-        "largebatch same system malloc": (lb + ["--data", str(tree), *same_lb, "--set", "train.keep_freed_memory=false",
-                                                "--out", str(work / "lb")], batch),
+        "largebatch same system malloc": same(folder, "lb", "--set", "train.keep_freed_memory=false"),
         "timm defaults": (tm + ["-b", str(defaults_batch), "--epochs", epochs(defaults_batch, defaults_steps)],
                           defaults_batch),
         # the batch in one forward pass, as timm's -b (the recipe's micro-batch is 32)
-        "largebatch defaults": (lb + ["--data", str(tree), "--global-batch", str(defaults_batch),
-                                      "--micro-batch", str(defaults_batch), "--steps", str(defaults_steps),
-                                      "--out", str(work / "lbd")], defaults_batch),
+        "largebatch defaults": (LARGEBATCH + [*folder, "--global-batch", str(defaults_batch),
+                                              "--micro-batch", str(defaults_batch), "--steps", str(defaults_steps),
+                                              "--out", str(work / "lbd")], defaults_batch),
     }
 
 
@@ -96,9 +102,9 @@ def step_seconds(cmd: list[str], output: str) -> list[float]:
 ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": TUNABLES}}
 
 
-def run(name: str, cmd: list[str], batch: int, warmup: int, work: Path, timm: Path) -> dict:
+def run(name: str, cmd: list[str], batch: int, warmup: int, work: Path, timm: Path | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # every run starts without the last one's output
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(timm), os.environ.get("PYTHONPATH")])),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [timm and str(timm), os.environ.get("PYTHONPATH")])),
            **ENV.get(name, {})}
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
