@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from common import hardware
-from vs_timm import largebatch_same, run
+from vs_timm import SYNTHETIC, largebatch_same, run
 
 
 def variants(tree: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
@@ -27,8 +27,7 @@ def variants(tree: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     in_process = ("--set", "data.workers=0")
     return {"folder, 1 loader worker": (["--data", str(tree)], ()),
             "folder, loaded in the training process": (["--data", str(tree)], in_process),
-            "synthetic, in memory": (["--set", "data.name=synthetic", "--set", "data.synthetic_size=224",
-                                      "--set", "data.synthetic_classes=10"], in_process)}
+            "synthetic, in memory": (SYNTHETIC, in_process)}
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ Variants:
 - defaults: batch 32 in both (the only setting given besides the data and the device),
   every other choice each tool's own (workers, precision, memory layout, augmentation);
 - largebatch from shards packed at shorter side 256, same settings, beside timm's folder;
-- largebatch loading in the training process instead of one worker.
+- largebatch loading in the training process instead of one worker;
+- largebatch on synthetic batches already in memory: the same step with no input cost.
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def largebatch_same(data: list[str], out: Path, extra: tuple[str, ...] = (), dev
     return [*LARGEBATCH, *data, *same, *extra, "--out", str(out)]
 
 
+SYNTHETIC = ["--set", "data.name=synthetic", "--set", "data.synthetic_size=224", "--set", "data.synthetic_classes=10"]
+
+
 def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cpu", batch: int = 16,
              workers: int = 1, steps: int = 25, defaults_batch: int = 32,
              images: int = 10 * PER_CLASS) -> dict[str, tuple[list[str], int]]:
@@ -75,6 +79,8 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cp
         "largebatch shards same": same(packed, "lbs"),
         "largebatch same loading in the training process": same(folder, "lb", "--set", "data.workers=0"),
         "largebatch shards same loading in the training process": same(packed, "lbs", "--set", "data.workers=0"),
+        # no input at all: batches already in memory, the rate any input path could reach
+        "largebatch same synthetic input": same(SYNTHETIC, "lbsyn", "--set", "data.workers=0"),
         # timm with glibc told to keep freed memory, as largebatch does by default
         # (train.keep_freed_memory): what the same allocator setting is worth to timm
         "timm same malloc kept": (tm + same_tm, batch),
