@@ -6,12 +6,12 @@ import torch
 
 from largebatch.config import ConfigError, DataConfig
 from largebatch.data import build_dataset
-from largebatch.data.folder import random_resized_crop, scan
+from largebatch.data.folder import random_resized_crop, resize, scan
 from largebatch.data.shards import pack
 from largebatch.data.sampler import BatchSpec
 
 from conftest import run_cli
-from imagetree import make_tree
+from imagetree import make_tree, photo
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,18 @@ def test_train_and_eval_on_a_folder_tree(tree, tmp_path):
     assert summary["steps"] == 3 and summary["global_batch"] == 8
     result = json.loads(run_cli("eval", "--checkpoint", out / "checkpoints/last.pt").stdout.splitlines()[-1])
     assert result["samples"] == 8 and result["top1"] == summary["top1"]
+
+
+@pytest.mark.parametrize("box, size", [((37, 20, 337, 320), (224, 224)),  # a crop, downscaled
+                                       ((100, 50, 180, 130), (224, 224)),  # a small crop, upscaled
+                                       ((0, 0, 500, 375), (299, 224))])  # the whole image (evaluation)
+def test_resize_computes_pils_bilinear_filter(box, size):
+    """The crop's resize (torch's uint8 kernel) gives PIL's antialiased bilinear pixels to
+    within rounding, except in a border where PIL's filter reads pixels outside the box."""
+    from PIL import Image
+    img = photo("astronaut").resize((500, 375))
+    ours = resize(img, box, *size)
+    assert ours.shape == (size[1], size[0], 3) and ours.dtype == np.uint8
+    pil = np.asarray(img.resize(size, Image.BILINEAR, box=box))
+    diff = np.abs(ours.astype(int) - pil.astype(int))
+    assert diff[3:-3, 3:-3].max() <= 1 and diff.mean() < 0.1, (diff.max(), diff.mean())
