@@ -129,6 +129,8 @@ def main() -> None:
     p.add_argument("--timm", type=Path, required=True, help="a checkout of pytorch-image-models")
     p.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "vs_timm_tree")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="rounds run first and left out (the first timm run of a series has been much slower)")
     p.add_argument("--warmup", type=int, default=5, help="steps left out of each rate")
     p.add_argument("--only", nargs="*", help="variant names (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to compare on a GPU")
@@ -151,21 +153,28 @@ def main() -> None:
     todo = {k: v for k, v in variants(tree, shards, a.timm.resolve(), work, a.device, a.batch, a.workers, a.steps,
                                       a.defaults_batch, images).items() if not a.only or k in a.only}
     results: dict[str, list[dict]] = {k: [] for k in todo}
-    for r in range(a.rounds):
+    left_out: dict[str, list[dict]] = {k: [] for k in todo}
+    for r in range(a.warmup_rounds + a.rounds):
+        warm = r < a.warmup_rounds
         for name, (cmd, batch) in todo.items():
-            results[name].append(run(name, cmd, batch, a.warmup, work, a.timm.resolve()))
-            print(f"round {r}: {name}: {results[name][-1]['images_per_sec']:.2f} images/s", flush=True)
+            rate = run(name, cmd, batch, a.warmup, work, a.timm.resolve())
+            (left_out if warm else results)[name].append(rate)
+            print(f"round {r}: {name}: {rate['images_per_sec']:.2f} images/s"
+                  + (" (warm-up round, left out)" if warm else ""), flush=True)
     summary = {k: {"images_per_sec": statistics.median(x["images_per_sec"] for x in v), "runs": v,
-                   "command": " ".join(todo[k][0])} for k, v in results.items()}
+                   "warmup_runs": left_out[k], "command": " ".join(todo[k][0])} for k, v in results.items()}
     for kind in ("same", "defaults"):
         base = summary.get(f"timm {kind}")
         for k, v in summary.items():
             if base and kind in k.split() and not k.startswith("timm"):
                 v["vs_timm"] = v["images_per_sec"] / base["images_per_sec"]
+                v["vs_timm_per_round"] = [x["images_per_sec"] / t["images_per_sec"]
+                                          for x, t in zip(v["runs"], base["runs"])]
     timm_rev = subprocess.run(["git", "-C", str(a.timm), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     doc = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "timm_commit": timm_rev.strip(),
            "device": a.device, "batch": a.batch, "workers": a.workers, "steps": a.steps,
-           "defaults_batch": a.defaults_batch, "warmup_steps": a.warmup, "variants": summary}
+           "defaults_batch": a.defaults_batch, "warmup_steps": a.warmup, "warmup_rounds": a.warmup_rounds,
+           "variants": summary}
     if a.device == "cuda":
         import torch
         doc["gpu"] = torch.cuda.get_device_name(0)
