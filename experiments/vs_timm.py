@@ -85,6 +85,7 @@ def variants(tree: Path, shards: Path, timm: Path, work: Path, device: str = "cp
         # (train.keep_freed_memory): what the same allocator setting is worth to timm
         "timm same malloc kept": (tm + same_tm, batch),
         "largebatch same system malloc": same(folder, "lb", "--set", "train.keep_freed_memory=false"),
+        "largebatch same OpenMP passive wait": same(folder, "lb"),  # threads sleep while they wait (ENV)
         "timm defaults": (tm + ["-b", str(defaults_batch), "--epochs", epochs(defaults_batch, defaults_steps)],
                           defaults_batch),
         # the batch in one forward pass, as timm's -b (the recipe's micro-batch is 32)
@@ -105,7 +106,8 @@ def step_seconds(cmd: list[str], output: str) -> list[float]:
     return [r["step_seconds"] for r in map(json.loads, lines) if "step_seconds" in r]
 
 
-ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": TUNABLES}}
+ENV = {"timm same malloc kept": {"GLIBC_TUNABLES": TUNABLES},
+       "largebatch same OpenMP passive wait": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def run(name: str, cmd: list[str], batch: int, warmup: int, work: Path, timm: Path | None = None) -> dict:
