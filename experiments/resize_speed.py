@@ -22,24 +22,31 @@ from PIL import Image
 
 from common import hardware
 from largebatch.config import build_config
-from largebatch.data.folder import IMAGE_EXTENSIONS, random_resized_crop, resize
+from largebatch.data import folder
+from largebatch.data.folder import CROP_ATTEMPTS, IMAGE_EXTENSIONS, resize
+from largebatch.data.sampler import sample_uniforms
 
 
-def jobs(tree: Path, images: int):
-    """(decoded image, box, width, height, train) for each image: its training crop and its
-    evaluation resize, with the loader's sizes."""
+def jobs(tree: Path, images: int) -> list[tuple]:
+    """(decoded image, box, width, height, train): the resize calls the loader makes for
+    each image's training crop and evaluation resize. They are recorded from the loader
+    itself (decode_transform run once each way with a recording resize), so the images
+    are decoded, and the boxes and sizes chosen, exactly as in training."""
     cfg = build_config({}).data
-    rng = np.random.default_rng(0)
     files = sorted(f for f in (tree / "train").rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)[:images]
-    out = []
-    for f in files:
-        with Image.open(f) as img:
-            img = img.convert("RGB")
-        left, top, w, h = random_resized_crop(rng.random(41), img.width, img.height, cfg)
-        out.append((img, (left, top, left + w, top + h), cfg.image_size, cfg.image_size, True))
-        scale = cfg.eval_resize / min(img.size)
-        out.append((img, (0, 0, img.width, img.height), round(img.width * scale), round(img.height * scale), False))
-    return out
+    uniforms = sample_uniforms(0, 0, range(len(files)), 4 * CROP_ATTEMPTS + 1)
+    calls: list[tuple] = []
+    for train in (True, False):
+        def record(img, box, width, height):
+            calls.append((img, box, width, height, train))
+            return resize(img, box, width, height)
+        folder.resize = record  # decode_transform looks the name up in its module
+        try:
+            for f, u in zip(files, uniforms):
+                folder.decode_transform(f, u if train else None, cfg, train)
+        finally:
+            folder.resize = resize
+    return calls
 
 
 def pillow(img, box, width, height):
@@ -55,16 +62,16 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)  # a loader worker's setting
     todo = jobs(a.tree, a.images)
-    ms: dict[str, dict[str, list[float]]] = {k: {"pillow": [], "largebatch": []} for k in ("train", "eval")}
+    parts = {kind: [j[:4] for j in todo if j[4] == (kind == "train")] for kind in ("train", "eval")}
+    ms: dict[str, dict[str, list[float]]] = {k: {"pillow": [], "largebatch": []} for k in parts}
     for _ in range(a.repeats):
         for name, fn in (("pillow", pillow), ("largebatch", resize)):
-            for kind in ("train", "eval"):
-                part = [j for j in todo if j[4] == (kind == "train")]
+            for kind, part in parts.items():
                 t0 = time.perf_counter()
-                for img, box, w, h, _ in part:
-                    fn(img, box, w, h)
+                for call in part:
+                    fn(*call)
                 ms[kind][name].append(1e3 * (time.perf_counter() - t0) / len(part))
-    result = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "images": len(todo) // 2,
+    result = {"date": time.strftime("%Y-%m-%d"), "hardware": hardware(), "images": len(parts["train"]),
               "repeats": a.repeats, "ms_per_image": ms}
     for kind, v in ms.items():
         old, new = statistics.median(v["pillow"]), statistics.median(v["largebatch"])
